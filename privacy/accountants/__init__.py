@@ -1,1 +1,44 @@
-"""x."""
+"""Privacy accountants behind one interface, and their registry.
+
+Built in (``available_accountants()``):
+
+``edgeworth``, ``edgeworth1``
+    Edgeworth expansion of order 2 and 1 (estimate), after Wang et al. 2022.
+``saddlepoint``
+    Exponentially tilted (saddle-point) Edgeworth expansion (estimate); fedtune's default estimate.
+``rdp``
+    Renyi DP of the subsampled Gaussian (Mironov et al. 2019) through Opacus (upper bound).
+``prv``
+    Opacus' privacy random variable accountant (Gopi et al. 2021), one direction (estimate).
+``pld``
+    dp_accounting's privacy loss distribution accountant, pessimistic (certified upper bound).
+"""
+
+from fedtune.privacy.accountants.base import (
+    Accountant,
+    AccountingError,
+    Kind,
+    UnsupportedEventError,
+    available_accountants,
+    get_accountant,
+    register_accountant,
+)
+from fedtune.privacy.accountants.edgeworth import EdgeworthAccountant
+from fedtune.privacy.accountants.saddlepoint import SaddlePointAccountant
+from fedtune.privacy.accountants.reference import PLDAccountant, PRVAccountant, RDPAccountant, to_dp_event
+
+__all__ = [
+    "Accountant",
+    "AccountingError",
+    "Kind",
+    "UnsupportedEventError",
+    "available_accountants",
+    "get_accountant",
+    "register_accountant",
+    "EdgeworthAccountant",
+    "SaddlePointAccountant",
+    "PLDAccountant",
+    "PRVAccountant",
+    "RDPAccountant",
+    "to_dp_event",
+]

@@ -1,0 +1,300 @@
+r"""The privacy ledger: every event each client spent, stored atomically, re-checkable by any accountant.
+
+The ledger stores *events* (``q``, ``sigma``, ``steps``), never epsilons, so any accountant can
+recompute the numbers later (``fedtune privacy ledger PATH``).
+
+Record-level epsilon of the federation. Client ``k`` runs DP-SGD on its own shard ``D_k`` and the
+shards are disjoint. A record lives in exactly one shard, so adding or removing it changes only that
+client's training; all other clients' outputs are independent of it. By parallel composition the
+federation is (``max_k eps_k``, ``max_k delta_k``)-DP at the record level, where ``eps_k`` composes all
+of client ``k``'s rounds. The server's aggregation is post-processing. (McMahan et al. 2018; Ponomareva
+et al. 2023, "How to DP-fy ML", Sec. 4.)
+
+Client-level (user-level) DP is a different guarantee: it protects a client's whole contribution and
+needs noise added by the server (DP-FedAvg). Server events are kept separately
+(:meth:`PrivacyLedger.record_server_event`) and :meth:`PrivacyLedger.client_level_epsilon` composes them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.io import atomic_write_json, read_json
+from fedtune.privacy.accountants import Accountant, get_accountant
+from fedtune.privacy.calibration import DEFAULT_ACCOUNTANT, certifier
+from fedtune.privacy.events import Composition, SubsampledGaussianEvent, check_delta, check_epsilon
+
+__all__ = ["LedgerEntry", "BudgetCheck", "PrivacyLedger", "LEDGER_SCHEMA"]
+
+LEDGER_SCHEMA = "fedtune.privacy-ledger/1"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One client's spend in one round.
+
+    Attributes
+    ----------
+    client_id : str
+        Stable client identifier (partition id or node name).
+    round : int
+        Federated round (>= 0; a centralized run uses round 0 or its epoch).
+    event : SubsampledGaussianEvent
+        What was spent.
+    examples : int
+        Size of the client's shard (the ``N`` in ``q = B / N``).
+    """
+
+    client_id: str
+    round: int
+    event: SubsampledGaussianEvent
+    examples: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.client_id, str) or not self.client_id:
+            raise ValueError(f"client_id must be a non-empty string, got {self.client_id!r}")
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            raise ValueError(f"round must be an integer >= 0, got {self.round!r}")
+        if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 1:
+            raise ValueError(f"examples must be an integer >= 1, got {self.examples!r}")
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(client_id, round)``: recording the same key twice counts once."""
+        return (self.client_id, self.round)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"client_id": self.client_id, "round": self.round, "examples": self.examples, **self.event.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> LedgerEntry:
+        try:
+            return cls(str(data["client_id"]), int(data["round"]), SubsampledGaussianEvent.from_dict(data), int(data["examples"]))  # type: ignore[arg-type]
+        except KeyError as err:
+            raise ValueError(f"ledger entry is missing the field {err.args[0]!r}: {data!r}") from None
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """Answer of a prospective budget check.
+
+    Attributes
+    ----------
+    allowed : bool
+        True if the planned event keeps the client within budget.
+    epsilon_after : float
+        Certified epsilon the client would have after the planned event.
+    budget : float
+        The epsilon budget checked against.
+    reason : str
+        Human-readable explanation (empty when allowed).
+    """
+
+    allowed: bool
+    epsilon_after: float
+    budget: float
+    reason: str = ""
+
+
+@dataclass
+class PrivacyLedger:
+    """Per-client privacy ledger, persisted atomically to ``path`` after every change.
+
+    Parameters
+    ----------
+    path : Path or None
+        JSON file; None keeps the ledger in memory only.
+    delta : float
+        The delta at which epsilons are reported and budgets enforced.
+    budget : float
+        Per-client epsilon budget (``inf`` for none).
+    accountant : str
+        Estimating accountant for reports (default ``saddlepoint``). Budgets are always enforced
+        with the certified ``pld`` upper bound.
+    """
+
+    path: Path | None
+    delta: float
+    budget: float = math.inf
+    accountant: str = DEFAULT_ACCOUNTANT
+    _entries: dict[tuple[str, int], LedgerEntry] = field(default_factory=dict, repr=False)
+    _server_events: dict[int, SubsampledGaussianEvent] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.delta = check_delta(self.delta)
+        self.budget = check_epsilon(self.budget)
+        get_accountant(self.accountant)  # validates the name
+        if self.path is not None:
+            self.path = Path(self.path)
+
+    # -- persistence -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, delta: float, budget: float = math.inf, accountant: str = DEFAULT_ACCOUNTANT) -> PrivacyLedger:
+        """Load the ledger at ``path`` if it exists, else start an empty one there."""
+        path = Path(path)
+        if path.exists():
+            ledger = cls.load(path)
+            ledger.delta, ledger.budget = check_delta(delta), check_epsilon(budget)
+            return ledger
+        return cls(path, delta, budget, accountant)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrivacyLedger:
+        """Read a ledger written by :meth:`save`; every entry is re-validated."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no privacy ledger at {path}")
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("schema") != LEDGER_SCHEMA:
+            raise ValueError(f"{path} is not a fedtune privacy ledger (schema {LEDGER_SCHEMA!r} expected)")
+        ledger = cls(path, data["delta"], math.inf if data.get("budget") is None else data["budget"], data.get("accountant", DEFAULT_ACCOUNTANT))
+        for raw in data.get("entries", []):
+            entry = LedgerEntry.from_dict(raw)
+            ledger._entries[entry.key] = entry
+        for raw in data.get("server_events", []):
+            ledger._server_events[int(raw["round"])] = SubsampledGaussianEvent.from_dict(raw)
+        return ledger
+
+    def to_dict(self) -> dict[str, object]:
+        """The stored form: events only (epsilons are derived, never stored as truth)."""
+        return {
+            "schema": LEDGER_SCHEMA,
+            "delta": self.delta,
+            "budget": None if math.isinf(self.budget) else self.budget,
+            "accountant": self.accountant,
+            "entries": [e.to_dict() for e in sorted(self._entries.values(), key=lambda e: (e.client_id, e.round))],
+            "server_events": [{"round": r, **ev.to_dict()} for r, ev in sorted(self._server_events.items())],
+        }
+
+    def save(self) -> None:
+        """Write the ledger atomically (no-op for an in-memory ledger)."""
+        if self.path is not None:
+            atomic_write_json(self.path, self.to_dict())
+
+    # -- recording ---------------------------------------------------------------------------
+    def record(self, client_id: str, round: int, event: SubsampledGaussianEvent, examples: int) -> bool:
+        """Record a client's spend for a round and persist it before returning.
+
+        Returns
+        -------
+        bool
+            True if recorded, False if the same ``(client_id, round)`` was already recorded with
+            the same event (idempotent: it counts once).
+
+        Raises
+        ------
+        ValueError
+            If ``(client_id, round)`` is already recorded with a *different* event.
+        """
+        entry = LedgerEntry(client_id, round, event, examples)
+        with self._lock:
+            existing = self._entries.get(entry.key)
+            if existing is not None:
+                if existing == entry:
+                    return False
+                raise ValueError(
+                    f"client {client_id!r} round {round} is already recorded as {existing.event} "
+                    f"({existing.examples} examples); refusing a different event {event} ({examples} examples)"
+                )
+            self._entries[entry.key] = entry
+            try:
+                self.save()
+            except BaseException:
+                del self._entries[entry.key]
+                raise
+            return True
+
+    def record_server_event(self, round: int, event: SubsampledGaussianEvent) -> bool:
+        """Record server-side (client-level DP) noise for a round; idempotent per round."""
+        with self._lock:
+            if self._server_events.get(round) == event:
+                return False
+            if round in self._server_events:
+                raise ValueError(f"round {round} already has server event {self._server_events[round]}; got {event}")
+            self._server_events[round] = event
+            self.save()
+            return True
+
+    # -- queries -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[LedgerEntry]:
+        return iter(sorted(self._entries.values(), key=lambda e: (e.client_id, e.round)))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def clients(self) -> list[str]:
+        """Client ids with at least one entry, sorted."""
+        return sorted({e.client_id for e in self._entries.values()})
+
+    def rounds(self, client_id: str) -> list[int]:
+        """Rounds recorded for a client."""
+        return sorted(r for (c, r) in self._entries if c == client_id)
+
+    def composition(self, client_id: str) -> Composition | None:
+        """All events of a client, or None if it spent nothing."""
+        events = tuple(e.event for e in self if e.client_id == client_id)
+        return Composition(events) if events else None
+
+    def epsilon(self, client_id: str, accountant: str | Accountant | None = None) -> float:
+        """A client's epsilon at the ledger's delta over all its rounds (0 if nothing spent)."""
+        comp = self.composition(client_id)
+        if comp is None:
+            return 0.0
+        acc = certifier() if accountant == "certified" else get_accountant(accountant or self.accountant)
+        return acc.get_epsilon(comp, self.delta)
+
+    def certified_epsilon(self, client_id: str) -> float:
+        """A client's certified (``pld`` upper bound) epsilon."""
+        return self.epsilon(client_id, "certified")
+
+    def composed_epsilon(self, *, certified: bool = True) -> float:
+        """Record-level epsilon of the federation: the maximum over clients (parallel composition)."""
+        values = [self.certified_epsilon(c) if certified else self.epsilon(c) for c in self.clients]
+        return max(values, default=0.0)
+
+    def client_level_epsilon(self) -> float | None:
+        """Client-level epsilon from server-side noise events, or None if the server added none."""
+        if not self._server_events:
+            return None
+        return certifier().get_epsilon(Composition(tuple(self._server_events.values())), self.delta)
+
+    def check(self, client_id: str, planned: SubsampledGaussianEvent, budget: float | None = None) -> BudgetCheck:
+        """Prospective check: would ``planned`` keep the client within budget? (certified bound)."""
+        budget = self.budget if budget is None else check_epsilon(budget)
+        if math.isinf(budget):
+            return BudgetCheck(True, math.nan, budget)
+        comp = self.composition(client_id)
+        after = certifier().get_epsilon(Composition((planned,)) if comp is None else comp + planned, self.delta)
+        if after > budget:
+            spent = 0.0 if comp is None else certifier().get_epsilon(comp, self.delta)
+            return BudgetCheck(
+                False, after, budget,
+                f"client {client_id!r} has spent epsilon {spent:.4g} (certified, delta {self.delta:g}); the planned "
+                f"{planned.steps} steps at q = {planned.sampling_rate:.4g}, sigma = {planned.noise_multiplier:.4g} would "
+                f"bring it to {after:.4g} > budget {budget:g}",
+            )
+        return BudgetCheck(True, after, budget)
+
+    def report(self, accountant: str | None = None) -> list[dict[str, object]]:
+        """One row per client: rounds, steps, examples, epsilon (estimate) and certified epsilon."""
+        rows = []
+        for client in self.clients:
+            comp = self.composition(client)
+            assert comp is not None  # clients only lists clients with entries
+            entries = [e for e in self if e.client_id == client]
+            rows.append({
+                "id": client,
+                "rounds": len(entries),
+                "steps": comp.steps,
+                "examples": entries[-1].examples,
+                "epsilon": self.epsilon(client, accountant),
+                "epsilon_certified": self.certified_epsilon(client),
+            })
+        return rows
