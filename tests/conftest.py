@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """Path of the real GLUE data: ``$FEDTUNE_DATA_DIR``, else ``<repo>/../shared/data/glue``.
+
+    Fails (never skips) when the folder is missing: CI always has it.
+    """
+    env = os.environ.get("FEDTUNE_DATA_DIR")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "glue"
+    if not path.is_dir():
+        origin = "FEDTUNE_DATA_DIR" if env else "the default <repo>/../shared/data/glue"
+        pytest.fail(
+            f"GLUE data folder {path} (from {origin}) does not exist; set FEDTUNE_DATA_DIR "
+            "to the GLUE root (the folder holding sst2/, qnli/, ...)",
+            pytrace=False,
+        )
+    return path
