@@ -268,8 +268,6 @@ class PrivacyLedger:
     def check(self, client_id: str, planned: SubsampledGaussianEvent, budget: float | None = None) -> BudgetCheck:
         """Prospective check: would ``planned`` keep the client within budget? (certified bound)."""
         budget = self.budget if budget is None else check_epsilon(budget)
-        if math.isinf(budget):
-            return BudgetCheck(True, math.nan, budget)
         comp = self.composition(client_id)
         after = certifier().get_epsilon(Composition((planned,)) if comp is None else comp + planned, self.delta)
         if after > budget:

@@ -1,0 +1,132 @@
+"""A ledger-aware strategy: wraps FedAvg (or any Flower strategy) without editing it.
+
+:class:`LedgerStrategy` adds three behaviours around the wrapped strategy's hooks:
+
+* ``configure_train`` leaves out clients whose next round would exceed their budget (certified bound);
+* ``aggregate_train`` rejects (and logs) replies that are errors, refusals, or updates with wrong
+  keys, shapes or non-finite values, records every accepted client's privacy event in the server's
+  ledger, and passes the rest to the wrapped strategy;
+* :attr:`LedgerStrategy.exhausted` tells the run loop when no client can train any more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedtune.privacy.events import SubsampledGaussianEvent
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.server.validation import InvalidUpdate, validate_update
+
+__all__ = ["LedgerStrategy", "PRIVACY_KEY", "STATUS_OK", "STATUS_REFUSED"]
+
+log = logging.getLogger(__name__)
+
+#: ConfigRecord key under which a client reports its privacy event and status.
+PRIVACY_KEY = "privacy"
+STATUS_OK = "ok"
+STATUS_REFUSED = "refused"
+
+
+class LedgerStrategy(Strategy):
+    """Wrap ``inner`` (e.g. ``FedAvg``) with privacy-ledger bookkeeping and update validation.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The aggregation strategy; its ``configure_train``/``aggregate_train`` do the real work.
+    ledger : PrivacyLedger
+        The server's ledger (clients keep their own as well).
+    """
+
+    def __init__(self, inner: Strategy, ledger: PrivacyLedger) -> None:
+        self.inner = inner
+        self.ledger = ledger
+        self.node_to_client: dict[int, str] = {}
+        self.last_event: dict[str, SubsampledGaussianEvent] = {}
+        self.refused: set[str] = set()
+        self.rejected: list[dict[str, object]] = []
+        self._reference: ArrayRecord | None = None
+        self.exhausted = False
+
+    # -- hooks -------------------------------------------------------------------------------
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary and the ledger's budget."""
+        self.inner.summary()
+        log.info("privacy ledger: %s, budget epsilon %s at delta %g", self.ledger.path, self.ledger.budget, self.ledger.delta)
+
+    def _can_train(self, node_id: int) -> bool:
+        client = self.node_to_client.get(node_id)
+        if client is None:
+            return True  # not seen yet: the client checks its own budget before training
+        if client in self.refused:
+            return False
+        event = self.last_event.get(client)
+        if event is None:
+            return True
+        verdict = self.ledger.check(client, event)
+        if not verdict.allowed:
+            log.info("leaving out client %s: %s", client, verdict.reason)
+        return verdict.allowed
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Let the wrapped strategy sample clients, then drop those out of budget."""
+        self._reference = arrays
+        messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid) if self._can_train(m.metadata.dst_node_id)]
+        self.exhausted = not messages
+        return messages
+
+    def _accept(self, server_round: int, message: Message) -> bool:
+        node = message.metadata.src_node_id
+        if message.has_error():
+            log.warning("round %d: node %d replied with an error: %s", server_round, node, message.error.reason)
+            self.rejected.append({"round": server_round, "node": node, "reason": message.error.reason})
+            return False
+        content = message.content
+        privacy = content.config_records.get(PRIVACY_KEY)
+        if privacy is None:
+            self._reject(server_round, node, "reply carries no privacy record")
+            return False
+        client = str(privacy["client-id"])
+        self.node_to_client[node] = client
+        if privacy.get("status", STATUS_OK) != STATUS_OK:
+            self.refused.add(client)
+            self._reject(server_round, node, f"client {client} refused: {privacy.get('reason', '')}")
+            return False
+        if len(content.array_records) != 1:
+            self._reject(server_round, node, f"expected one ArrayRecord, got {len(content.array_records)}")
+            return False
+        try:
+            if self._reference is not None:
+                validate_update(next(iter(content.array_records.values())), self._reference)
+            event = SubsampledGaussianEvent(float(privacy["sampling-rate"]), float(privacy["noise-multiplier"]), int(privacy["steps"]))
+        except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
+            self._reject(server_round, node, f"client {client}: {err}")
+            return False
+        self.ledger.record(client, server_round, event, int(privacy["examples"]))
+        self.last_event[client] = event
+        return True
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        log.warning("round %d: rejected the update of node %d: %s", server_round, node, reason)
+        self.rejected.append({"round": server_round, "node": node, "reason": reason})
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and record each reply, then aggregate the accepted ones with the wrapped strategy."""
+        accepted = [m for m in replies if self._accept(server_round, m)]
+        if not accepted:
+            log.warning("round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
+        return self.inner.aggregate_train(server_round, accepted)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Delegate (fedtune evaluates centrally; pass ``fraction_evaluate=0`` to FedAvg to skip this)."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate."""
+        return self.inner.aggregate_evaluate(server_round, replies)

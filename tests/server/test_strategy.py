@@ -1,0 +1,121 @@
+"""LedgerStrategy: FedAvg's weighted mean, ledger recording, rejection of bad updates, budget exclusion."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.privacy.events import SubsampledGaussianEvent
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.server.strategy import PRIVACY_KEY, LedgerStrategy
+from fedtune.server.validation import InvalidUpdate, validate_update
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+REFERENCE = ArrayRecord({"lora_A": Array(np.zeros((2, 3), dtype=np.float32)), "head": Array(np.zeros(4, dtype=np.float32))})
+
+
+def reply(node: int, arrays: dict[str, np.ndarray], examples: int, *, client: str | None = None, status: str = "ok",
+          event: SubsampledGaussianEvent = SubsampledGaussianEvent(0.1, 1.0, 10)) -> Message:
+    """A train reply from ``node`` as a ClientApp would send it."""
+    TaskIdentity.node_id = 0
+    request = Message(RecordDict({"arrays": REFERENCE}), dst_node_id=node, message_type="train")
+    TaskIdentity.node_id = node
+    privacy = ConfigRecord({
+        "client-id": client or str(node), "status": status, "sampling-rate": event.sampling_rate,
+        "noise-multiplier": event.noise_multiplier, "steps": event.steps, "examples": examples,
+    })
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": examples}),
+        PRIVACY_KEY: privacy,
+    })
+    return Message(content, reply_to=request)
+
+
+def arrays(value: float) -> dict[str, np.ndarray]:
+    return {"lora_A": np.full((2, 3), value, dtype=np.float32), "head": np.full(4, value, dtype=np.float32)}
+
+
+def make_strategy(budget: float = math.inf) -> LedgerStrategy:
+    strategy = LedgerStrategy(FedAvg(fraction_evaluate=0.0), PrivacyLedger(None, 1e-5, budget))
+    strategy._reference = REFERENCE
+    return strategy
+
+
+def test_fedavg_is_the_weighted_mean_and_events_are_recorded() -> None:
+    strategy = make_strategy()
+    rng = np.random.default_rng(0)
+    a = {"lora_A": rng.normal(size=(2, 3)).astype(np.float32), "head": rng.normal(size=4).astype(np.float32)}
+    b = {"lora_A": rng.normal(size=(2, 3)).astype(np.float32), "head": rng.normal(size=4).astype(np.float32)}
+    agg, _ = strategy.aggregate_train(1, [reply(1, a, 100), reply(2, b, 300)])
+    assert agg is not None
+    for key in a:
+        expected = (100 * a[key] + 300 * b[key]) / 400
+        np.testing.assert_allclose(agg[key].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert strategy.ledger.clients == ["1", "2"]
+    assert strategy.ledger.composition("1").steps == 10
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ({"lora_A": np.zeros((2, 3), np.float32)}, "missing"),
+        ({**arrays(0.0), "extra": np.zeros(1, np.float32)}, "unexpected"),
+        ({"lora_A": np.zeros((3, 2), np.float32), "head": np.zeros(4, np.float32)}, "shape"),
+        ({"lora_A": np.full((2, 3), np.nan, np.float32), "head": np.zeros(4, np.float32)}, "non-finite"),
+    ],
+)
+def test_bad_updates_are_rejected_and_the_round_goes_on(bad: dict[str, np.ndarray], reason: str) -> None:
+    strategy = make_strategy()
+    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(1.0), 50), reply(2, bad, 50)])
+    assert agg is not None
+    np.testing.assert_allclose(agg["head"].numpy(), 1.0)  # only the good update counts
+    assert strategy.ledger.clients == ["1"]  # the rejected client's event is not recorded by the server
+    assert len(strategy.rejected) == 1 and reason in str(strategy.rejected[0]["reason"])
+
+
+def test_validate_update_names_the_key() -> None:
+    with pytest.raises(InvalidUpdate, match="'head'"):
+        validate_update(ArrayRecord({"lora_A": Array(np.zeros((2, 3), np.float32)), "head": Array(np.zeros(5, np.float32))}), REFERENCE)
+
+
+def test_refusal_is_not_aggregated_and_the_client_is_left_out() -> None:
+    strategy = make_strategy()
+    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(2.0), 10, status="refused")])
+    assert agg is None
+    assert "1" in strategy.refused
+    assert not strategy._can_train(1)
+
+
+def test_client_out_of_budget_is_left_out() -> None:
+    event = SubsampledGaussianEvent(0.2, 0.8, 50)
+    probe = make_strategy()
+    probe.aggregate_train(1, [reply(1, arrays(1.0), 10, event=event)])
+    spent = probe.ledger.certified_epsilon("1")
+    after = probe.ledger.check("1", event).epsilon_after
+    for budget, allowed in (((spent + after) / 2, False), (after * 1.01, True)):
+        strategy = make_strategy(budget=budget)
+        strategy.aggregate_train(1, [reply(1, arrays(1.0), 10, event=event)])
+        assert strategy._can_train(1) is allowed
+    assert strategy._can_train(99)  # unseen clients check their own budget
+
+
+def test_duplicate_reply_counts_once() -> None:
+    strategy = make_strategy()
+    strategy.aggregate_train(3, [reply(1, arrays(1.0), 10)])
+    strategy.aggregate_train(3, [reply(1, arrays(1.0), 10)])
+    assert len(strategy.ledger) == 1
