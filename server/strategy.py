@@ -103,12 +103,15 @@ class LedgerStrategy(Strategy):
         try:
             if self._reference is not None:
                 validate_update(next(iter(content.array_records.values())), self._reference)
-            event = SubsampledGaussianEvent(float(privacy["sampling-rate"]), float(privacy["noise-multiplier"]), int(privacy["steps"]))
+            event = None
+            if privacy.get("dp", True):
+                event = SubsampledGaussianEvent(float(privacy["sampling-rate"]), float(privacy["noise-multiplier"]), int(privacy["steps"]))
         except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
             self._reject(server_round, node, f"client {client}: {err}")
             return False
-        self.ledger.record(client, server_round, event, int(privacy["examples"]))
-        self.last_event[client] = event
+        if event is not None:
+            self.ledger.record(client, server_round, event, int(privacy["examples"]))
+            self.last_event[client] = event
         return True
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:

