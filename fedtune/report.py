@@ -49,6 +49,7 @@ def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
 def plot_rounds(path: str | Path, rounds: list[dict[str, Any]], *, metric: str, title: str) -> Path:
     """Accuracy (or the task metric) and certified epsilon per round, as a PNG."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,13 +58,14 @@ def plot_rounds(path: str | Path, rounds: list[dict[str, Any]], *, metric: str, 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(xs, [r.get(metric, math.nan) for r in rounds], "o-", color="tab:blue", label=metric)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric, color="tab:blue")
     ax.grid(alpha=0.3)
     eps = [r.get("epsilon_certified", math.nan) for r in rounds]
     if any(isinstance(e, float) and math.isfinite(e) for e in eps):
         ax2 = ax.twinx()
         ax2.plot(xs, eps, "s--", color="tab:red", label="epsilon (certified, max over clients)")
-        ax2.set_ylabel("epsilon (certified)", color="tab:red")
+        ax2.set_ylabel("epsilon (certified, max over clients)", color="tab:red")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()

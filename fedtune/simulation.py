@@ -36,6 +36,11 @@ def prepare(config: RunConfig, *, resume: bool = False) -> None:
             f"delta = {config.delta:g} must be below 1 / (smallest shard) = 1/{smallest} = {1.0 / smallest:.3g}; "
             "a larger delta allows an output that reveals a whole record"
         )
+    if config.private and config.batch_size > smallest:
+        raise ValueError(
+            f"batch size {config.batch_size} is larger than the smallest shard ({smallest} examples): "
+            "Poisson sampling needs q = batch / shard <= 1; lower --batch-size or use fewer clients"
+        )
     for note in workload.data.notes:
         log.info("data: %s", note)
 

@@ -84,8 +84,8 @@ class Workload:
         return max(1, math.ceil(self.config.local_epochs * len(self.shards[partition_id]) / self.config.batch_size))
 
     def sampling_rate(self, partition_id: int) -> float:
-        """Poisson rate q = B / N of a client (capped at 1)."""
-        return min(1.0, self.config.batch_size / len(self.shards[partition_id]))
+        """Poisson rate q = B / N of a client."""
+        return self.config.batch_size / len(self.shards[partition_id])
 
 
 def _data_key(config: RunConfig) -> RunConfig:
