@@ -1,0 +1,141 @@
+"""End to end: the real ``fedtune simulate`` command on Flower's Ray simulation engine.
+
+Two clients, two rounds, the real all-MiniLM-L6-v2 on a real SST-2 slice. One uninterrupted run
+checks every output; a second run is SIGKILLed after its first checkpoint and resumed, and its
+privacy ledgers must equal the uninterrupted run's (nothing counted twice, nothing lost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune.privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    "--task", "sst2", "--clients", "2", "--rounds", "2", "--epsilon", "8", "--delta", "1e-5",
+    "--max-train-examples", "160", "--max-eval-examples", "96", "--local-steps", "3", "--batch-size", "16",
+    "--seed", "3",
+]
+
+
+def fedtune(*args: str, data: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FEDTUNE_DATA_DIR": str(data)}
+    result = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fedtune {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, glue_dir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = tmp_path_factory.mktemp("sim") / "run"
+    return out, fedtune("simulate", *ARGS, "--out", str(out), data=glue_dir)
+
+
+def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, result = finished_run
+    for name in ("config.json", "summary.json", "metrics.csv", "ledger.json", "plot.png", "checkpoint/state.json",
+                 "adapter/adapter_config.json", "clients/client-0/ledger.json", "clients/client-1/ledger.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["final_accuracy"] == summary["rounds"][-1]["accuracy"]
+    assert {c["id"] for c in summary["clients"]} == {"0", "1"}
+    for client in summary["clients"]:
+        assert client["steps"] == 6 and client["examples"] == 80
+        assert 0 < client["epsilon_certified"] <= 8.0  # certified, within budget
+        assert abs(client["epsilon"] - client["epsilon_certified"]) < 0.1 * 8.0
+    assert summary["composed_epsilon"] == max(c["epsilon_certified"] for c in summary["clients"])
+    assert summary["bytes_per_round"] > 0 and summary["rounds"][1]["bytes_sent"] == 2 * summary["bytes_per_round"]
+    assert any("subsampled" in note for note in summary["notes"])
+    lines = (out / "metrics.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("round,accuracy") and len(lines) == 4
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the printed table names every client and the composed epsilon
+    assert "composed record-level epsilon" in result.stdout and "final accuracy" in result.stdout
+    # server and client ledgers agree
+    server = PrivacyLedger.load(out / "ledger.json")
+    for cid in ("0", "1"):
+        client = PrivacyLedger.load(out / "clients" / f"client-{cid}" / "ledger.json")
+        assert client.composition(cid) == server.composition(cid)
+        assert math.isclose(client.certified_epsilon(cid), server.certified_epsilon(cid), rel_tol=1e-12)
+
+
+def test_adapter_loads_with_peft(finished_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    from peft import PeftModel
+
+    from fedtune.model import load_model_and_tokenizer
+
+    out, _ = finished_run
+    base, _ = load_model_and_tokenizer(None, 2, seed=3)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path, glue_dir: Path) -> None:
+    reference, _ = finished_run
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDTUNE_DATA_DIR": str(glue_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "simulate", *ARGS, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.exists() and json.loads(state.read_text())["round"] >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads(state.read_text())["round"] == 1
+    from fedtune.cli import main
+
+    os.environ.setdefault("FEDTUNE_DATA_DIR", str(glue_dir))
+    assert main(["simulate", *ARGS, "--out", str(out)]) == 2  # never overwrite a run silently: --resume is needed
+    fedtune("simulate", "--resume", str(out), data=glue_dir)
+    assert PrivacyLedger.load(out / "ledger.json").to_dict()["entries"] == PrivacyLedger.load(reference / "ledger.json").to_dict()["entries"]
+    for cid in ("0", "1"):
+        got = PrivacyLedger.load(out / "clients" / f"client-{cid}" / "ledger.json").to_dict()["entries"]
+        want = PrivacyLedger.load(reference / "clients" / f"client-{cid}" / "ledger.json").to_dict()["entries"]
+        assert got == want
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "imdb"], "imdb"),
+        (["--epsilon", "0"], "epsilon"),
+        (["--delta", "0.5", "--max-train-examples", "100"], "delta"),
+        (["--clients", "500", "--max-train-examples", "100"], "500"),
+        (["--data-dir", "/nonexistent/glue"], "/nonexistent/glue"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_bad_input_is_refused_before_training(args: list[str], message: str, tmp_path: Path, glue_dir: Path,
+                                             capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.cli import main
+
+    monkeypatch.setenv("FEDTUNE_DATA_DIR", str(glue_dir))
+    try:
+        code = main(["simulate", "--out", str(tmp_path / "x"), "--rounds", "1", *args])
+    except SystemExit as exit_:  # argparse rejects malformed values itself, with status 2
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "checkpoint").exists()
