@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 from scipy.optimize import brentq
 
-from fedtune.privacy.accountants import Accountant, AccountingError, PLDAccountant, get_accountant
+from fedtune.privacy.accountants import Accountant, AccountingError, get_accountant
+from fedtune.privacy.accountants.reference import certifier
 from fedtune.privacy.events import Composition, SubsampledGaussianEvent, check_delta, check_epsilon
 
 __all__ = ["Calibration", "calibrate_noise", "smallest_sigma", "DEFAULT_ACCOUNTANT", "certifier"]
@@ -27,14 +28,6 @@ log = logging.getLogger(__name__)
 #: The fast estimate used for calibration unless another accountant is named.
 DEFAULT_ACCOUNTANT = "saddlepoint"
 _SIGMA_RTOL = 1e-4
-_CERTIFIER_DISCRETIZATION = 1e-3
-
-
-def certifier() -> Accountant:
-    """The certifying accountant: dp_accounting PLD (pessimistic, both directions), step 1e-3."""
-    acc = PLDAccountant(value_discretization_interval=_CERTIFIER_DISCRETIZATION)
-    acc.name = "pld"  # type: ignore[misc]
-    return acc
 
 
 @dataclass(frozen=True)

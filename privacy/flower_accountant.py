@@ -95,13 +95,15 @@ class FlowerPrivacyAccountant:
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon at ``delta`` (0 before any release)."""
+        delta = check_delta(delta)
         comp = self._composition()
-        return 0.0 if comp is None else self._accountant.get_epsilon(comp, check_delta(delta))
+        return 0.0 if comp is None else self._accountant.get_epsilon(comp, delta)
 
     def get_delta(self, epsilon: float) -> float:
         """Delta at ``epsilon`` (0 before any release)."""
+        epsilon = check_epsilon(epsilon, allow_zero=True)
         comp = self._composition()
-        return 0.0 if comp is None else self._accountant.get_delta(comp, check_epsilon(epsilon, allow_zero=True))
+        return 0.0 if comp is None else self._accountant.get_delta(comp, epsilon)
 
     def get_privacy_spent(self, delta: float | None = None) -> PrivacySpent:
         """Cumulative spend at ``delta`` (default: the configured target delta)."""
