@@ -8,16 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text, jsonable
 
 __all__ = ["write_metrics_csv", "write_summary", "plot_rounds", "format_summary"]
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    return value
 
 
 def write_metrics_csv(path: str | Path, rounds: list[dict[str, Any]]) -> Path:
@@ -29,21 +22,13 @@ def write_metrics_csv(path: str | Path, rounds: list[dict[str, Any]]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rounds:
-        writer.writerow({k: _finite(v) for k, v in row.items()})
+        writer.writerow(jsonable(row))
     return atomic_write_text(path, buffer.getvalue())
 
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
-    """``summary.json`` with infinities written as strings."""
-
-    def clean(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [clean(v) for v in obj]
-        return _finite(obj)
-
-    return atomic_write_json(path, clean(summary))
+    """``summary.json`` (infinities written as strings)."""
+    return atomic_write_json(path, summary)
 
 
 def plot_rounds(path: str | Path, rounds: list[dict[str, Any]], *, metric: str, title: str) -> Path:
@@ -56,13 +41,13 @@ def plot_rounds(path: str | Path, rounds: list[dict[str, Any]], *, metric: str, 
 
     xs = [r["round"] for r in rounds]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot(xs, [r.get(metric, math.nan) for r in rounds], "o-", color="tab:blue", label=metric)
+    ax.plot(xs, [float(r.get(metric, math.nan)) for r in rounds], "o-", color="tab:blue", label=metric)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric, color="tab:blue")
     ax.grid(alpha=0.3)
-    eps = [r.get("epsilon_certified", math.nan) for r in rounds]
-    if any(isinstance(e, float) and math.isfinite(e) for e in eps):
+    eps = [float(r.get("epsilon_certified", math.nan)) for r in rounds]  # "inf" read back from JSON too
+    if any(math.isfinite(e) for e in eps):
         ax2 = ax.twinx()
         ax2.plot(xs, eps, "s--", color="tab:red", label="epsilon (certified, max over clients)")
         ax2.set_ylabel("epsilon (certified, max over clients)", color="tab:red")
@@ -81,9 +66,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     for r in summary["rounds"]:
         lines.append(f"{r['round']:>5}  {r.get(metric, math.nan):>10.4f}  {_fmt(r.get('epsilon_certified')):>20}  {r.get('seconds', 0.0):>8.1f}")
     lines.append("")
-    lines.append(f"{'client':>6}  {'examples':>8}  {'steps':>6}  {'epsilon (estimate)':>18}  {'epsilon (certified)':>19}")
+    mixes = {str(s["client"]): s["label_counts"] for s in summary.get("partition", {}).get("shards", [])}
+    lines.append(f"{'client':>6}  {'examples':>8}  {'steps':>6}  {'epsilon (estimate)':>18}  {'epsilon (certified)':>19}  labels")
     for c in summary["clients"]:
-        lines.append(f"{c['id']:>6}  {c['examples']:>8}  {c['steps']:>6}  {_fmt(c['epsilon']):>18}  {_fmt(c['epsilon_certified']):>19}")
+        mix = " ".join(f"{k}:{v}" for k, v in mixes.get(str(c["id"]), {}).items())
+        lines.append(f"{c['id']:>6}  {c['examples']:>8}  {c['steps']:>6}  {_fmt(c['epsilon']):>18}  {_fmt(c['epsilon_certified']):>19}  {mix}")
     lines.append("")
     lines.append(f"composed record-level epsilon (max over clients, certified, delta {summary['delta']:g}): {_fmt(summary['composed_epsilon'])}")
     lines.append(f"final {metric}: {summary['final_accuracy']:.4f}   total time: {summary['seconds']:.1f} s")

@@ -42,7 +42,7 @@ def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the whole federation for ``config`` on ``grid``; returns the summary (also written to disk)."""
-    from fedtune.data import main_metric
+    from fedtune.data import describe_partitions, main_metric
     from fedtune.evaluate import evaluate
     from fedtune.model import get_trainable_state, pick_device, save_adapter, set_trainable_state
 
@@ -55,9 +55,10 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
     checkpoint = load_checkpoint(out / "checkpoint") if resume else None
     if checkpoint is not None:
         arrays, rounds, first = _record(checkpoint.arrays), list(checkpoint.metrics), checkpoint.round + 1
+        earlier_seconds = sum(float(r["seconds"]) for r in rounds)
         log.info("resuming after round %d from %s", checkpoint.round, out / "checkpoint")
     else:
-        arrays, rounds, first = _record(get_trainable_state(eval_model)), [], 1
+        arrays, rounds, first, earlier_seconds = _record(get_trainable_state(eval_model)), [], 1, 0.0
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
     strategy = LedgerStrategy(
@@ -105,7 +106,8 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
         "rounds": rounds, "clients": clients, "composed_epsilon": composed(), "delta": config.delta,
         "epsilon_target": config.epsilon, "certified_by": "pld", "estimated_by": config.accountant,
         "bytes_per_round": array_bytes(final), "rejected_updates": strategy.rejected,
-        "notes": list(workload.data.notes), "seconds": time.perf_counter() - started + sum(float(r.get("seconds", 0)) for r in rounds[: first]),
+        "partition": {"scheme": config.partition, "alpha": config.alpha, "shards": describe_partitions(workload.shards)},
+        "notes": list(workload.data.notes), "seconds": earlier_seconds + time.perf_counter() - started,
         "stopped_early": len(rounds) - 1 < config.rounds,
     }
     write_metrics_csv(out / "metrics.csv", rounds)

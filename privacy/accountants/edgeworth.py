@@ -29,7 +29,7 @@ import numpy as np
 from scipy.special import erfcx, ndtr
 
 from fedtune.privacy.accountants._search import last_crossing
-from fedtune.privacy.accountants.base import Accountant, register_accountant
+from fedtune.privacy.accountants.base import Accountant, AccountingError, register_accountant
 from fedtune.privacy.events import Composition
 from fedtune.privacy.plrv import plrv_for
 
@@ -116,7 +116,14 @@ class EdgeworthAccountant(Accountant):
     def _epsilon(self, composition: Composition, delta: float) -> float:
         curve, guess = self._delta_curve(composition)
         crossing = last_crossing(lambda e: float(curve(e)), delta, 0.0, guess, what="Edgeworth epsilon")
-        return 0.0 if crossing is None else crossing.x
+        if crossing is not None:
+            return crossing.x
+        if all(q == 1.0 for q, _ in composition.grouped()):
+            return 0.0  # exact for the Gaussian mechanism: delta(0) really is below the target
+        raise AccountingError(
+            f"the order-{self.order} Edgeworth expansion puts delta(0) = {float(curve(0.0)):.3g} at or below "
+            f"delta = {delta:g}, which the subsampled mechanism does not satisfy: no trustworthy epsilon here"
+        )
 
     def _delta(self, composition: Composition, epsilon: float) -> float:
         curve, _ = self._delta_curve(composition)

@@ -205,10 +205,9 @@ class SaddlePointAccountant(Accountant):
                 return float(_direction_cgf(composition, s, direction)[1])
 
             s = increasing_root(slope, epsilon, -1.0 + 1e-9, 1.0, what="saddle point for delta")
-            if abs(s) < s_min:  # the expansion is uniform but cancels numerically at s = 0
-                s = math.copysign(s_min, s)
-            if s > s_min:
-                self._check_reliable(composition, s, direction)
+            if s < s_min:  # epsilon at or below the mean loss: delta is large and the expansion not trusted
+                raise _Unreliable(f"epsilon {epsilon:g} is at or below the mean privacy loss (s = {s:.3g})")
+            self._check_reliable(composition, s, direction)
             worst = max(worst, math.exp(_log_delta_at(_direction_cgf(composition, s, direction), s)))
         return worst
 

@@ -163,3 +163,13 @@ def test_increasing_root():
         increasing_root(lambda s: s + 10, 1.0, 0.0, 1.0, what="shifted")
     with pytest.raises(AccountingError, match="could not bracket bounded"):
         increasing_root(lambda s: -math.exp(-s), 1.0, 0.0, 1.0, what="bounded")
+
+
+def test_no_silent_zero_epsilon_for_a_subsampled_mechanism():
+    """Where the expansion's delta(0) is already below the target, an error, not epsilon = 0."""
+    from fedtune.privacy.accountants import AccountingError, get_accountant
+    from fedtune.privacy.events import SubsampledGaussianEvent
+
+    for name in ("edgeworth", "edgeworth1"):
+        with pytest.raises(AccountingError, match="no trustworthy epsilon"):
+            get_accountant(name).get_epsilon(SubsampledGaussianEvent(0.001, 0.5, 100), 1e-5)  # pld: 2.109

@@ -119,3 +119,12 @@ def test_delta_beyond_the_add_direction_bound(sp):
 def test_delta_met_below_the_mean_loss_is_refused(sp, q, sigma, steps):
     with pytest.raises(AccountingError, match="delta = 0.9 is too large for the saddle-point expansion"):
         sp.get_epsilon(Event(q, sigma, steps), 0.9)
+
+
+def test_delta_below_the_mean_loss_is_the_certified_value(sp):
+    """epsilon at or below the mean loss: the expansion is not trusted and pld answers (was 1.0)."""
+    from fedtune.privacy.accountants.reference import certifier
+
+    ev = Event(0.03, 1.0, 660)
+    for eps in (0.1, 0.3):
+        assert sp.get_delta(ev, eps) == pytest.approx(certifier().get_delta(ev, eps), rel=1e-9)

@@ -83,7 +83,8 @@ def test_adapter_loads_with_peft(finished_run: tuple[Path, subprocess.CompletedP
     assert any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path, glue_dir: Path) -> None:
+def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path,
+                                                 glue_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reference, _ = finished_run
     out = tmp_path / "run"
     env = {**os.environ, "FEDTUNE_DATA_DIR": str(glue_dir)}
@@ -103,7 +104,7 @@ def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subpr
     assert json.loads(state.read_text())["round"] == 1
     from fedtune.cli import main
 
-    os.environ.setdefault("FEDTUNE_DATA_DIR", str(glue_dir))
+    monkeypatch.setenv("FEDTUNE_DATA_DIR", str(glue_dir))
     assert main(["simulate", *ARGS, "--out", str(out)]) == 2  # never overwrite a run silently: --resume is needed
     fedtune("simulate", "--resume", str(out), data=glue_dir)
     assert PrivacyLedger.load(out / "ledger.json").to_dict()["entries"] == PrivacyLedger.load(reference / "ledger.json").to_dict()["entries"]
