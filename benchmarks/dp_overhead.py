@@ -7,10 +7,14 @@ sentences (padded to their longest, as in training) through LoRA on all-MiniLM-L
 * DP-SGD: ``fedtune.train.dp_step`` on an Opacus ``GradSampleModule`` + ``DPOptimizer``
   (per-sample gradients, per-example clipping, Gaussian noise, AdamW step).
 
-Poisson sampling itself is not timed (it is the batch contents that are held equal). Each
-(mode, batch size) runs in a fresh subprocess, so its peak RSS is its own: ``--warmup``
-untimed steps, then ``--steps`` timed ones. The table reports medians and the ratio of
-medians; the two modes of one batch size run back to back so drifting load hits both.
+Poisson sampling itself is not timed (it is the batch contents that are held equal).
+
+Timing is *paired*: one process per batch size holds two copies of the model (one wrapped by
+Opacus) and, for every batch, times a non-private step and a DP step back to back, in
+alternating order. Load from other processes on a shared machine then hits both modes alike;
+the table reports the medians over ``--steps`` timed batches (after ``--warmup``), their ratio,
+and the median of the per-batch ratios. Peak memory is measured separately, one fresh
+subprocess per (mode, batch size), so each peak RSS is that mode's own.
 
 Usage::
 
@@ -100,25 +104,65 @@ def _time_mode(private: bool, model_template: torch.nn.Module, batches: list[dic
     return times
 
 
-def _worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Time one mode at one batch size in this (fresh) process; return the measurements."""
+def _setup(args: argparse.Namespace, batch_size: int) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     base, tokenizer = load_model_and_tokenizer(None, 2, seed=0)
     model = build_peft_model(base, LoraSettings())
     n_batches = args.warmup + args.steps
-    sentences = _load_sentences(args.glue_dir, args.worker_batch * n_batches, seed=0)
-    batches = _batches(tokenizer, sentences, args.worker_batch, n_batches, args.max_length)
-    rss_before = _peak_rss_mb()
-    times = _time_mode(args.worker == "dp", model, batches, args.warmup, TrainConfig())
+    sentences = _load_sentences(args.glue_dir, batch_size * n_batches, seed=0)
+    return model, _batches(tokenizer, sentences, batch_size, n_batches, args.max_length)
+
+
+def _paired_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Time both modes on the same batches, interleaved, in this process."""
+    import copy
+
+    model, batches = _setup(args, args.worker_batch)
+    device = torch.device("cpu")
+    config = TrainConfig()
+    plain_model, dp_model = copy.deepcopy(model), copy.deepcopy(model)
+    plain_model.train()
+    dp_model.train()
+    plain_opt = make_optimizer([p for p in plain_model.parameters() if p.requires_grad], config)
+    gsm, dp_opt = attach_dp(dp_model, make_optimizer([p for p in dp_model.parameters() if p.requires_grad], config),
+                            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.worker_batch,
+                            noise_generator=torch.Generator().manual_seed(0))
+
+    def timed(fn: Any) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    plain_times, dp_times = [], []
+    try:
+        for i, batch in enumerate(batches):
+            run_plain = lambda b=batch: plain_step(plain_model, plain_opt, b, device)  # noqa: E731
+            run_dp = lambda b=batch: dp_step(gsm, dp_opt, b, device)  # noqa: E731
+            if i % 2 == 0:
+                tp, td = timed(run_plain), timed(run_dp)
+            else:
+                td, tp = timed(run_dp), timed(run_plain)
+            if i >= args.warmup:
+                plain_times.append(tp)
+                dp_times.append(td)
+    finally:
+        detach_dp(gsm)
     return {
-        "times_s": times,
+        "plain_times_s": plain_times,
+        "dp_times_s": dp_times,
         "median_seq_len": statistics.median(b["input_ids"].shape[1] for b in batches),
-        "peak_rss_mb": _peak_rss_mb(),
-        "peak_rss_mb_before_training": rss_before,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of one mode alone (``--memory-steps`` steps) in this fresh process."""
+    model, batches = _setup(args, args.worker_batch)
+    rss_before = _peak_rss_mb()
+    _time_mode(args.worker == "dp", model, batches[: args.memory_steps], 0, TrainConfig())
+    return {"peak_rss_mb": _peak_rss_mb(), "peak_rss_mb_before_training": rss_before}
 
 
 def _run_worker(mode: str, batch_size: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +170,8 @@ def _run_worker(mode: str, batch_size: int, args: argparse.Namespace) -> dict[st
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode,
            "--worker-batch", str(batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--max-length", str(args.max_length), "--glue-dir", str(args.glue_dir)]
+           "--memory-steps", str(args.memory_steps), "--max-length", str(args.max_length),
+           "--glue-dir", str(args.glue_dir)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -144,33 +189,40 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(os.environ.get("FEDTUNE_DATA_DIR",
                                                     Path(__file__).resolve().parents[1].parent / "shared/data/glue")))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dp_overhead.json"))
-    parser.add_argument("--worker", choices=["plain", "dp"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-steps", type=int, default=5, help="steps per peak-RSS measurement")
+    parser.add_argument("--worker", choices=["paired", "plain", "dp"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        sys.stdout.write(json.dumps(_worker(args)) + "\n")
+        worker = _paired_worker if args.worker == "paired" else _memory_worker
+        sys.stdout.write(json.dumps(worker(args)) + "\n")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     rows = []
     meta: dict[str, Any] = {}
     for batch_size in args.batch_sizes:
-        plain = _run_worker("plain", batch_size, args)
-        private = _run_worker("dp", batch_size, args)
-        meta = private
+        timing = _run_worker("paired", batch_size, args)
+        plain_mem = _run_worker("plain", batch_size, args)
+        dp_mem = _run_worker("dp", batch_size, args)
+        meta = timing
+        plain_t, dp_t = timing["plain_times_s"], timing["dp_times_s"]
         row = {
             "batch_size": batch_size,
-            "median_seq_len": plain["median_seq_len"],
-            "plain_median_s": statistics.median(plain["times_s"]),
-            "dp_median_s": statistics.median(private["times_s"]),
-            "plain_iqr_s": [float(np.percentile(plain["times_s"], q)) for q in (25, 75)],
-            "dp_iqr_s": [float(np.percentile(private["times_s"], q)) for q in (25, 75)],
-            "plain_peak_rss_mb": plain["peak_rss_mb"],
-            "dp_peak_rss_mb": private["peak_rss_mb"],
+            "median_seq_len": timing["median_seq_len"],
+            "plain_median_s": statistics.median(plain_t),
+            "dp_median_s": statistics.median(dp_t),
+            "ratio": statistics.median(dp_t) / statistics.median(plain_t),
+            "median_paired_ratio": statistics.median(d / p for d, p in zip(dp_t, plain_t)),
+            "plain_iqr_s": [float(np.percentile(plain_t, q)) for q in (25, 75)],
+            "dp_iqr_s": [float(np.percentile(dp_t, q)) for q in (25, 75)],
+            "plain_peak_rss_mb": plain_mem["peak_rss_mb"],
+            "dp_peak_rss_mb": dp_mem["peak_rss_mb"],
+            "plain_times_s": plain_t,
+            "dp_times_s": dp_t,
         }
-        row["ratio"] = row["dp_median_s"] / row["plain_median_s"]
-        logger.info("batch %d: plain %.3fs, DP %.3fs, ratio %.2f", batch_size,
-                    row["plain_median_s"], row["dp_median_s"], row["ratio"])
+        logger.info("batch %d: plain %.3fs, DP %.3fs, ratio %.2f (paired %.2f)", batch_size,
+                    row["plain_median_s"], row["dp_median_s"], row["ratio"], row["median_paired_ratio"])
         rows.append(row)
 
     result = {
@@ -194,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         "| batch | median seq len | non-private step (s) | DP-SGD step (s) | DP / non-private "
-        "| peak RSS non-private (MB) | peak RSS DP (MB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| median paired ratio | peak RSS non-private (MB) | peak RSS DP (MB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['batch_size']} | {r['median_seq_len']:.0f} | {r['plain_median_s']:.3f} | "
-            f"{r['dp_median_s']:.3f} | {r['ratio']:.2f}x | {r['plain_peak_rss_mb']:.0f} | "
+            f"{r['dp_median_s']:.3f} | {r['ratio']:.2f}x | {r['median_paired_ratio']:.2f}x | "
+            f"{r['plain_peak_rss_mb']:.0f} | "
             f"{r['dp_peak_rss_mb']:.0f} |"
         )
     sys.stdout.write("\n".join(lines) + "\n")

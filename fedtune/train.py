@@ -17,6 +17,8 @@ accountants assume, step by step:
 * **Gaussian noise** of std ``noise_multiplier * C`` added to the sum of clipped gradients,
   which is then divided by the *expected* batch size ``B`` (``DPOptimizer``), never by the
   realised one.
+* **Secret randomness**: by default the sampling and the noise come from fresh OS entropy,
+  not from ``TrainConfig.seed`` (see ``TrainConfig.dp_randomness``).
 * **Empty batches are steps**: the update is pure noise, the step is counted in
   ``TrainResult.steps`` and ``TrainResult.empty_batches``. Skipping them would change the
   mechanism the accountant is told about.
@@ -63,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 OptimizerName = Literal["adamw", "sgd"]
 _OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+DPRandomness = Literal["secret", "seeded"]
+_DP_RANDOMNESS: tuple[str, ...] = ("secret", "seeded")
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -118,8 +122,18 @@ class TrainConfig:
     momentum : float
         SGD momentum in [0, 1); ignored by AdamW.
     seed : int or None
-        Seeds the batch sampling, the DP noise and dropout (the caller's global RNG state
-        is restored afterwards). ``None`` draws fresh seeds from the OS.
+        Seeds dropout and the non-private batch shuffling (the caller's global RNG state is
+        restored afterwards); also the DP sampling and noise if ``dp_randomness="seeded"``.
+        ``None`` draws fresh seeds from the OS.
+    dp_randomness : {"secret", "seeded"}
+        Where DP-SGD's Poisson sampling and Gaussian noise get their randomness. Default
+        ``"secret"``: fresh OS entropy on every call, because anyone who can recompute the
+        noise (e.g. a server that knows the run's seed) can subtract it from the update, and
+        anyone who knows which examples were sampled loses the amplification by
+        subsampling: the DP guarantee would not hold against them. ``"seeded"`` derives
+        both from ``seed`` for reproducible experiments; the guarantee then only holds
+        against parties who do not know the seed. (The generators are torch's, not a
+        CSPRNG; Opacus' ``secure_mode`` is not used.)
     log_every : int
         Log (INFO) and call the progress callback every this many steps (>= 1).
     """
@@ -133,6 +147,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0
     seed: int | None = 0
+    dp_randomness: DPRandomness = "secret"
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -150,6 +165,10 @@ class TrainConfig:
         _check_float("momentum", self.momentum, 0.0, low_inclusive=True, high=1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.dp_randomness not in _DP_RANDOMNESS:
+            raise ValueError(
+                f"dp_randomness must be one of {', '.join(_DP_RANDOMNESS)}, got {self.dp_randomness!r}"
+            )
         _check_int("log_every", self.log_every, 1)
 
     @property
@@ -465,6 +484,8 @@ def train_local(
     device = torch.device(device)
     sampling_rate = min(1.0, config.batch_size / num_examples)
     sample_seed, noise_seed, torch_seed = _seeds(config.seed, 3)
+    if config.private and config.dp_randomness == "secret":
+        sample_seed, noise_seed = _seeds(None, 2)  # unknown to anyone, the seed's owner included
 
     work = copy.deepcopy(model).to(device)
     work.train()
@@ -497,7 +518,8 @@ def train_local(
         )
 
     mode = (
-        f"DP-SGD (q={sampling_rate:.4g}, sigma={config.noise_multiplier}, C={config.max_grad_norm})"
+        f"DP-SGD (q={sampling_rate:.4g}, sigma={config.noise_multiplier}, C={config.max_grad_norm}, "
+        f"{config.dp_randomness} randomness)"
         if config.private
         else "non-private"
     )
