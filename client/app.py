@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.client.privacy import ClientPrivacy, Plan
 from fedtune.config import RunConfig
 from fedtune.privacy.events import SubsampledGaussianEvent
+from fedtune.records import to_record, to_state
 from fedtune.server.strategy import PRIVACY_KEY, STATUS_OK, STATUS_REFUSED
 from fedtune.workload import get_workload
 
@@ -39,18 +39,10 @@ def client_state_dir(config: RunConfig, client_id: str) -> Path:
     return config.out_dir / "clients" / f"client-{client_id}"
 
 
-def _to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.array(arrays[key].numpy(), copy=True)) for key in arrays.keys()}
-
-
-def _to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
-
-
 def _reply(message: Message, update: dict[str, np.ndarray] | None, privacy: dict[str, Any], metrics: dict[str, float]) -> Message:
     content = RecordDict({PRIVACY_KEY: ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
     if update is not None:
-        content["arrays"] = _to_record(update)
+        content["arrays"] = to_record(update)
     return Message(content, reply_to=message)
 
 
@@ -81,7 +73,7 @@ def train_round(message: Message, config: RunConfig, partition_id: int, state_di
             log.info("client %s refuses round %d: %s", client_id, server_round, verdict.reason)
             return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": verdict.reason, "noise-multiplier": sigma}, {"num-examples": examples})
     model = workload.new_model()
-    set_trainable_state(model, _to_state(message.content["arrays"]))
+    set_trainable_state(model, to_state(message.content["arrays"]))
     train_config = TrainConfig(
         batch_size=config.batch_size, steps=steps, learning_rate=config.learning_rate,
         max_grad_norm=config.max_grad_norm, noise_multiplier=sigma, seed=config.seed * 100_003 + server_round * 1009 + partition_id,

@@ -12,15 +12,14 @@ import math
 import time
 from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import RunConfig
 from fedtune.io import atomic_write_json
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.records import to_record, to_state
 from fedtune.report import plot_rounds, write_metrics_csv, write_summary
 from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.server.loop import RoundResult, array_bytes, run_rounds
@@ -30,14 +29,6 @@ from fedtune.workload import get_workload
 __all__ = ["make_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
-
-
-def _record(state: dict[str, Any]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy() if isinstance(v, torch.Tensor) else v)) for k, v in state.items()})
-
-
-def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(arrays[k].numpy(), copy=True)) for k in arrays.keys()}
 
 
 def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -54,11 +45,11 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
     eval_model = workload.new_model()
     checkpoint = load_checkpoint(out / "checkpoint") if resume else None
     if checkpoint is not None:
-        arrays, rounds, first = _record(checkpoint.arrays), list(checkpoint.metrics), checkpoint.round + 1
+        arrays, rounds, first = to_record(checkpoint.arrays), list(checkpoint.metrics), checkpoint.round + 1
         earlier_seconds = sum(float(r["seconds"]) for r in rounds)
         log.info("resuming after round %d from %s", checkpoint.round, out / "checkpoint")
     else:
-        arrays, rounds, first, earlier_seconds = _record(get_trainable_state(eval_model)), [], 1, 0.0
+        arrays, rounds, first, earlier_seconds = to_record(get_trainable_state(eval_model)), [], 1, 0.0
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
     strategy = LedgerStrategy(
@@ -67,7 +58,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
     )
 
     def evaluate_fn(server_round: int, current: ArrayRecord) -> dict[str, Any]:
-        set_trainable_state(eval_model, _state(current))
+        set_trainable_state(eval_model, to_state(current))
         return evaluate(eval_model, workload.eval_set(), workload.collator, workload.data.spec.name, device)
 
     def composed() -> float:
@@ -80,7 +71,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
         if metric != "accuracy" and "accuracy" not in row:
             row["accuracy"] = row[metric]
         rounds.append(row)
-        save_checkpoint(out / "checkpoint", Checkpoint(result.round, {k: v.numpy() for k, v in _state(result.arrays).items()}, rounds, config.to_dict()))
+        save_checkpoint(out / "checkpoint", Checkpoint(result.round, {k: v.numpy() for k, v in to_state(result.arrays).items()}, rounds, config.to_dict()))
         log.info("round %d/%d: %s %.4f, epsilon (certified, max) %s, %d clients, %.1f s",
                  result.round, config.rounds, metric, row[metric], f"{row['epsilon_certified']:.4f}", result.clients_trained, result.seconds)
 
@@ -94,7 +85,7 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
         strategy, grid, arrays, first_round=first, last_round=config.rounds,
         train_config=ConfigRecord({}), evaluate=evaluate_fn, on_round_end=on_round_end,
     )
-    set_trainable_state(eval_model, _state(final))
+    set_trainable_state(eval_model, to_state(final))
     save_adapter(eval_model, out / "adapter")
     clients = ledger.report() if config.private else [
         {"id": str(i), "rounds": 0, "steps": 0, "examples": len(s), "epsilon": math.inf, "epsilon_certified": math.inf}
