@@ -196,7 +196,7 @@ def _client_calibration(out: Path) -> dict[str, Any]:
     return result
 
 
-def worker_main(mode: str, config_json: str, result_path: str) -> int:
+def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0) -> int:
     t_process = time.time()
     # imports common to both modes (not timed)
     import resource
@@ -212,6 +212,8 @@ def worker_main(mode: str, config_json: str, result_path: str) -> int:
     from fedtune.config import RunConfig
     from fedtune.server.strategy import LedgerStrategy
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     t_imported = time.time()
     config = RunConfig.from_dict(json.loads(config_json))
     events = _Events()
@@ -414,14 +416,16 @@ def wait_for_load(max_load: float, poll: float, timeout: float) -> dict[str, Any
             "below_max": max_load <= 0 or load < max_load}
 
 
-def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch: Path, tag: str, first: bool) -> dict[str, Any]:
+def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch: Path, tag: str, first: bool, threads: int = 0) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=scratch))
     cfg = dict(config, out=str(run_dir / "out"))
     result_path = run_dir / "result.json"
     log_path = run_dir / "log.txt"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", mode, "--_config", json.dumps(cfg), "--_result", str(result_path)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", mode, "--_config", json.dumps(cfg), "--_result", str(result_path),
+           "--_threads", str(threads)]
     load = wait_for_load(args.max_load, args.load_poll, args.load_timeout if first else args.load_timeout_between)
-    print(f"[{tag}] {mode}: start (load {load['load_1min']:.2f})", flush=True)
+    label = mode if not threads else f"{mode} ({threads} thread(s))"
+    print(f"[{tag}] {label}: start (load {load['load_1min']:.2f})", flush=True)
     t_launch = time.time()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(HERE.parent))
@@ -472,7 +476,7 @@ def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch
     shutil.rmtree(run_dir, ignore_errors=True)
     result["temp_removed"] = not run_dir.exists()
     summ = result.get("summary") or {}
-    print(f"[{tag}] {mode}: {result.get('seconds', float('nan')):.1f} s, accuracy {summ.get('final_accuracy')}, "
+    print(f"[{tag}] {label}: {result.get('seconds', float('nan')):.1f} s, accuracy {summ.get('final_accuracy')}, "
           f"leftover processes {len(leftovers_later) if leftovers_now else 0}", flush=True)
     return result
 
@@ -574,21 +578,31 @@ def build_report(data: dict[str, Any]) -> str:
         "",
         "## Wall time",
         "",
-        "| K | R | rep | seq s | sim s | sim/seq | sim rounds s (per round) | seq rounds s (per round) | sim before rounds s | sim after rounds s | acc seq / sim | load seq / sim |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Every run of a row used the same configuration; `seq, N thr` is the sequential baseline with N torch threads "
+        "(Ray gives each actor `OMP_NUM_THREADS` = CPUs per client). Loads in run order.",
+        "",
     ]
+    keys = data["pairs"][0]["seq_keys"] if data["pairs"] else ["seq"]
+
+    def thr(pair: dict[str, Any], key: str) -> str:
+        return f"{pair[key].get('torch_threads')} thr"
+
+    head = ["K", "R", "rep"] + [f"seq s ({thr(data['pairs'][0], k)})" for k in keys] + ["sim s"] + \
+        [f"sim/seq ({thr(data['pairs'][0], k)})" for k in keys] + \
+        ["sim rounds s (per round)", "seq rounds s (per round)", "sim before rounds s", "sim after rounds s", "accuracy (all runs)", "load at start"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for pair in data["pairs"]:
         seq, sim = pair["seq"], pair["sim"]
         bs, bq = sim.get("breakdown", {}), seq.get("breakdown", {})
-        ratio = pair.get("ratio")
-        lines.append(
-            f"| {pair['clients']} | {pair['rounds']} | {pair['repeat']} | {_fmt(seq.get('seconds'))} | {_fmt(sim.get('seconds'))} | "
-            f"{_fmt(ratio, 2)}x | {_fmt(bs.get('rounds_total'))} ({', '.join(_fmt(s) for s in bs.get('round_seconds', []))}) | "
-            f"{_fmt(bq.get('rounds_total'))} ({', '.join(_fmt(s) for s in bq.get('round_seconds', []))}) | "
-            f"{_fmt(bs.get('before_rounds'))} | {_fmt(bs.get('after_rounds'))} | "
-            f"{_fmt((seq.get('summary') or {}).get('final_accuracy'), 3)} / {_fmt((sim.get('summary') or {}).get('final_accuracy'), 3)} | "
-            f"{_fmt(seq['load_before']['load_1min'], 2)} / {_fmt(sim['load_before']['load_1min'], 2)} |"
-        )
+        cells = [str(pair["clients"]), str(pair["rounds"]), str(pair["repeat"])]
+        cells += [_fmt(pair[k].get("seconds")) for k in keys] + [_fmt(sim.get("seconds"))]
+        cells += [f"{_fmt(pair['ratios'].get(k), 2)}x" for k in keys]
+        cells += [f"{_fmt(bs.get('rounds_total'))} ({', '.join(_fmt(s) for s in bs.get('round_seconds', []))})",
+                  f"{_fmt(bq.get('rounds_total'))} ({', '.join(_fmt(s) for s in bq.get('round_seconds', []))})",
+                  _fmt(bs.get("before_rounds")), _fmt(bs.get("after_rounds")),
+                  " / ".join(_fmt((pair[k].get("summary") or {}).get("final_accuracy"), 3) for k in [*keys, "sim"]),
+                  " / ".join(_fmt(pair[k]["load_before"]["load_1min"], 2) for k in [*keys, "sim"])]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Where the simulation's time goes (seconds from the start of `simulate()`)",
@@ -649,7 +663,14 @@ def build_report(data: dict[str, Any]) -> str:
                      "(whole processes, imports included).")
     lines.append(f"- Ray processes of these runs alive at the end: {data['final_ray_check']['ours']}; "
                  f"other `ray::` processes on the machine (not started here): {data['final_ray_check']['others']}.")
-    if not all(p["sim"]["load_before"]["below_max"] and p["seq"]["load_before"]["below_max"] for p in data["pairs"]):
+    for pair in data["pairs"]:
+        for key in pair.get("seq_keys", [])[1:]:
+            bk = pair[key].get("breakdown", {})
+            lines.append(f"- K={pair['clients']} rep {pair['repeat']}, seq with {pair[key].get('torch_threads')} torch thread(s): "
+                         f"client phase per round {', '.join(_fmt(x) for x in bk.get('client_phase', []))} s, train_local per client "
+                         f"{' / '.join(','.join(_fmt(x) for x in v) for v in bk.get('train_local_seconds', {}).values())} s, "
+                         f"CPU seconds {_fmt(_cpu_total(pair[key]))}, peak RSS {_fmt(pair[key].get('memory', {}).get('driver_peak_rss_mb'), 0)} MB.")
+    if not all(p[k]["load_before"]["below_max"] for p in data["pairs"] for k in [*p.get("seq_keys", ["seq"]), "sim"]):
         lines.append(f"- WARNING: at least one run started with the load average above {data['settings']['max_load']} "
                      "(waited the maximum); the machine was shared, timings are noisy.")
     return "\n".join(lines) + "\n"
@@ -694,6 +715,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seq-threads", type=int, nargs="+", default=[0],
+                   help="torch threads of the sequential baseline, one seq run per value (0 = torch's default); "
+                        "the first is the reference of sim/seq in the detail tables")
     p.add_argument("--max-load", type=float, default=1.0, help="wait before each run until the 1-min load average is below this (0: no wait)")
     p.add_argument("--load-poll", type=float, default=30.0)
     p.add_argument("--load-timeout", type=float, default=2400.0, help="longest wait before the first run (s)")
@@ -705,6 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_worker", choices=["sim", "seq"], help=argparse.SUPPRESS)
     p.add_argument("--_config", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
+    p.add_argument("--_threads", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -723,7 +748,7 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker:
-        return worker_main(args._worker, args._config, args._result)
+        return worker_main(args._worker, args._config, args._result, args._threads)
 
     epsilon = float(args.epsilon)
     base = {
@@ -742,13 +767,20 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(1, args.repeats + 1):
                 config = dict(base, clients=k)
                 pair: dict[str, Any] = {"clients": k, "rounds": args.rounds, "repeat": rep}
-                for mode in ("seq", "sim"):  # interleaved so drifts in load hit both
-                    res = run_one(mode, config, args, scratch, f"K{k}-r{rep}", first=not results)
+                runs = [("seq" if i == 0 else f"seq_t{t}", "seq", t) for i, t in enumerate(args.seq_threads)] + [("sim", "sim", 0)]
+                for key, mode, threads in runs:  # interleaved so drifts in load hit all
+                    res = run_one(mode, config, args, scratch, f"K{k}-r{rep}", first=not results, threads=threads)
                     res["breakdown"] = breakdown(res)
+                    res["key"] = key
                     results.append(res)
-                    pair[mode] = res
-                if pair["seq"].get("seconds") and pair["sim"].get("seconds") and not pair["seq"].get("error") and not pair["sim"].get("error"):
-                    pair["ratio"] = pair["sim"]["seconds"] / pair["seq"]["seconds"]
+                    pair[key] = res
+                pair["seq_keys"] = [key for key, mode, _ in runs if mode == "seq"]
+                pair["ratios"] = {}
+                for key in pair["seq_keys"]:
+                    seq, sim = pair[key], pair["sim"]
+                    if seq.get("seconds") and sim.get("seconds") and not seq.get("error") and not sim.get("error"):
+                        pair["ratios"][key] = sim["seconds"] / seq["seconds"]
+                pair["ratio"] = pair["ratios"].get("seq")
                 pairs.append(pair)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -762,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings_text": (f"{args.task}, model {args.model or 'all-MiniLM-L6-v2 (default)'}, R={args.rounds}, "
                           f"{args.max_train_examples} train / {args.max_eval_examples} eval examples, {args.local_steps} local steps, "
                           f"batch {args.batch_size}, epsilon {args.epsilon:g}, {args.cpus_per_client:g} CPU per client, "
-                          f"{args.repeats} repeat(s), data {args.data_dir}"),
+                          f"{args.repeats} repeat(s), seq torch threads {args.seq_threads} (0 = default), data {args.data_dir}"),
         "pairs": pairs,
         "final_ray_check": check,
         "scratch_removed": not scratch.exists(),
