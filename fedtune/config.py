@@ -57,6 +57,10 @@ class RunConfig:
         ``iid`` or ``dirichlet`` / ``dirichlet:ALPHA``.
     alpha : float
         Dirichlet concentration when ``partition`` gives none.
+    min_shard_size : int
+        ``dirichlet`` only: every client gets at least this many examples (flwr-datasets'
+        ``min_partition_size``; the partition is redrawn until it holds). A private run needs every
+        shard to hold at least ``batch_size`` examples (q = B / N <= 1).
     local_epochs : float
         Local epochs per round (steps = ceil(epochs * shard / batch)); ignored if ``local_steps``.
     local_steps : int or None
@@ -93,6 +97,7 @@ class RunConfig:
     delta: float = 1e-5
     partition: str = "iid"
     alpha: float = 0.5
+    min_shard_size: int = 1
     local_epochs: float = 1.0
     local_steps: int | None = None
     batch_size: int = 32
@@ -123,6 +128,7 @@ class RunConfig:
         check_delta(self.delta)
         parse_partition_spec(self.partition)
         _positive_float("alpha", self.alpha)
+        _positive_int("min_shard_size", self.min_shard_size)
         _positive_float("local_epochs", self.local_epochs)
         if self.local_steps is not None:
             _positive_int("local_steps", self.local_steps)

@@ -10,7 +10,7 @@ from typing import Any
 from fedtune.config import RunConfig
 from fedtune.io import read_json
 
-__all__ = ["prepare", "simulate"]
+__all__ = ["check_workload", "prepare", "simulate"]
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +18,27 @@ log = logging.getLogger(__name__)
 def prepare(config: RunConfig, *, resume: bool = False) -> None:
     """Check everything that can be checked before any training, with clear errors.
 
-    Loads the data and the model (unknown task or model, missing data folder, a partition that
-    leaves a client empty or more clients than examples all fail here), and checks that
-    ``delta < 1 / smallest shard`` (a delta that large would allow leaking a whole record).
+    The output folder must not hold a run unless ``resume`` (and must hold one if it is set); then
+    :func:`check_workload`.
     """
-    from fedtune.workload import get_workload
-
     out = config.out_dir
     if (out / "checkpoint" / "state.json").exists() and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
     if resume and not (out / "checkpoint" / "state.json").exists():
         raise ValueError(f"--resume {out}: no checkpoint found there (expected {out / 'checkpoint' / 'state.json'})")
+    check_workload(config)
+
+
+def check_workload(config: RunConfig) -> None:
+    """Load the data and the model of ``config`` and check that the run can start.
+
+    Unknown task or model, a missing data folder, a partition that leaves a client empty or more
+    clients than examples all fail here. For a private run it also checks that
+    ``delta < 1 / smallest shard`` (a delta that large would allow leaking a whole record) and that the
+    batch size fits the smallest shard (Poisson rate ``q = B / N <= 1``).
+    """
+    from fedtune.workload import get_workload
+
     workload = get_workload(config)
     smallest = min(len(s) for s in workload.shards)
     if config.private and config.delta >= 1.0 / smallest:
@@ -39,7 +49,8 @@ def prepare(config: RunConfig, *, resume: bool = False) -> None:
     if config.private and config.batch_size > smallest:
         raise ValueError(
             f"batch size {config.batch_size} is larger than the smallest shard ({smallest} examples): "
-            "Poisson sampling needs q = batch / shard <= 1; lower --batch-size or use fewer clients"
+            "Poisson sampling needs q = batch / shard <= 1; lower --batch-size, use fewer clients, or "
+            "(dirichlet) raise --min-shard-size to at least the batch size"
         )
     for note in workload.data.notes:
         log.info("data: %s", note)

@@ -48,7 +48,7 @@ class Workload:
         if config.clients == 1:
             shards = [data.train]
         else:
-            shards = partition_dataset(data.train, config.clients, spec.scheme, alpha, config.seed)
+            shards = partition_dataset(data.train, config.clients, spec.scheme, alpha, config.seed, min_partition_size=config.min_shard_size)
         base, tokenizer = load_model_and_tokenizer(config.model, data.spec.num_labels, seed=config.seed)
         targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()) or None
         lora = LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets)

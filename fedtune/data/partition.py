@@ -205,7 +205,7 @@ def partition_dataset(
         raise ValueError(
             f"{scheme} partitioning of {n} examples across {k} clients (alpha={alpha}, "
             f"seed={seed}) left some client with fewer than {min_partition_size} examples "
-            f"after 10 resampling rounds; use a larger alpha or fewer clients ({exc})"
+            f"after 10 resampling rounds; use a larger alpha, fewer clients or a smaller minimum shard size ({exc})"
         ) from exc
     parts = [dataset.select(idx) for idx in assignment]
     sizes = [len(p) for p in parts]

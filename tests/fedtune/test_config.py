@@ -10,7 +10,7 @@ from fedtune.config import RunConfig
 
 
 def test_round_trips() -> None:
-    config = RunConfig(epsilon=math.inf, clients=3, max_train_examples=120, lora_targets="query,value")
+    config = RunConfig(epsilon=math.inf, clients=3, max_train_examples=120, lora_targets="query,value", min_shard_size=16)
     assert RunConfig.from_dict(config.to_dict()) == config
     assert RunConfig.from_flower(config.to_flower()) == config
     assert all(v is not None for v in config.to_flower().values())  # Flower run_config has no None
@@ -29,6 +29,7 @@ def test_round_trips() -> None:
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"accountant": "magic"}, "magic"),
         ({"max_train_examples": 0}, "max_train_examples"),
+        ({"min_shard_size": 0}, "min_shard_size"),
     ],
 )
 def test_bad_settings_name_the_value(changes: dict, message: str) -> None:

@@ -1,0 +1,161 @@
+"""``fedtune compare``: run a privacy-utility grid cell by cell, resumable, with tables and plots.
+
+Each cell is an ordinary run (:func:`fedtune.simulation.simulate`) in ``OUT/cells/<cell name>/`` with
+all of a run's outputs. After every cell the grid's outputs are rewritten atomically:
+
+* ``grid.json``: the grid's settings (``--resume OUT`` reads them back);
+* ``results.json`` and ``results.csv``: one row per cell (setting, partition, seed, epsilon target,
+  certified epsilon reached, the task metric, examples processed, time, status);
+* ``results.md``: the table, averaged over seeds (with the min-max spread when there are several);
+* ``accuracy_vs_epsilon.png`` and ``epsilon_spread.png``.
+
+A cell whose ``summary.json`` exists is finished and never rerun; a cell interrupted mid-way resumes
+from its last checkpoint (its ledgers make sure no privacy is counted twice); a failed cell is
+recorded as failed and retried on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunConfig
+from fedtune.grid import Cell, GridSpec
+from fedtune.io import atomic_write_json, read_json
+
+__all__ = ["run_grid", "cell_row", "Runner"]
+
+log = logging.getLogger(__name__)
+
+#: ``runner(config, resume=...) -> summary``; :func:`fedtune.simulation.simulate` by default.
+Runner = Callable[..., dict[str, Any]]
+
+
+def _finite_or_inf(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, error: str | None = None) -> dict[str, Any]:
+    """One ``results.csv`` row for a cell from its ``summary.json`` (or its error)."""
+    from fedtune.workload import get_workload
+
+    row: dict[str, Any] = {
+        "cell": cell.name, "seed": cell.seed, "setting": cell.setting, "partition": cell.partition, "clients": config.clients,
+        "epsilon_target": cell.epsilon, "delta": config.delta,
+    }
+    if summary is None:
+        return {**row, "status": "failed", "error": error or "unknown error"}
+    metric = summary.get("metric", "accuracy")
+    clients = summary.get("clients", [])
+    rounds_done = max(int(r["round"]) for r in summary["rounds"])
+    workload = get_workload(config)
+    expected = sum(workload.steps_per_round(k) for k in range(len(workload.shards))) * rounds_done * config.batch_size
+    row.update({
+        "epsilon_certified": _finite_or_inf(summary.get("composed_epsilon")),
+        "epsilon_estimate": max((_finite_or_inf(c.get("epsilon")) for c in clients), default=math.inf),
+        "metric": metric,
+        "value": float(summary["final_accuracy"]),
+        "accuracy": float(summary.get("final_metrics", {}).get("accuracy", summary["final_accuracy"])),
+        "initial_value": float(summary["rounds"][0][metric]),
+        "rounds_completed": rounds_done,
+        "examples_processed": expected,
+        "seconds": float(summary.get("seconds", math.nan)),
+        "client_epsilons": [_finite_or_inf(c.get("epsilon_certified")) for c in clients],
+        "status": "stopped early" if summary.get("stopped_early") else "ok",
+        "error": "",
+    })
+    return row
+
+
+def _check_cells(spec: GridSpec, out: Path) -> None:
+    """Build and check every distinct cell setup before any training (clear errors, exit 2)."""
+    from fedtune.simulation import check_workload
+
+    seen: set[tuple[Any, ...]] = set()
+    for cell in spec.cells():
+        config = spec.config(cell, out / "cells" / cell.name)
+        key = (cell.setting, cell.partition, cell.seed, config.private)
+        if key not in seen:
+            seen.add(key)
+            check_workload(config)
+
+
+def run_grid(spec: GridSpec, out: str | Path, *, resume: bool = False, runner: Runner | None = None,
+             progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run (or continue) the grid ``spec`` in ``out``; returns the result rows in grid order.
+
+    Parameters
+    ----------
+    spec : GridSpec
+        The grid.
+    out : path
+        Output folder (``grid.json``, ``results.*``, plots, ``cells/<name>/``).
+    resume : bool
+        Continue the grid stored in ``out``; finished cells are skipped, not redone.
+    runner : callable, optional
+        ``runner(config, resume=bool) -> summary``; default :func:`fedtune.simulation.simulate`.
+    progress : callable
+        Receives one line per cell.
+
+    Raises
+    ------
+    ValueError
+        ``out`` already holds a grid and ``resume`` is False; ``resume`` without a grid there, or with
+        different settings; a cell that cannot run (see :func:`fedtune.simulation.check_workload`).
+    """
+    from fedtune.compare_report import write_grid_outputs
+
+    if runner is None:
+        from fedtune.simulation import simulate as runner  # noqa: N813
+    out = Path(out)
+    grid_file = out / "grid.json"
+    if grid_file.exists() and not resume:
+        raise ValueError(f"{out} already holds a grid; pass --resume {out} to continue it or choose another --out")
+    if resume:
+        if not grid_file.exists():
+            raise ValueError(f"--resume {out}: no grid found there (expected {grid_file})")
+        stored = GridSpec.from_dict(read_json(grid_file))
+        if stored != spec:
+            raise ValueError(f"--resume {out}: the grid stored there has other settings than the ones given")
+    _check_cells(spec, out)
+    atomic_write_json(grid_file, spec.to_dict())
+    cells = spec.cells()
+    rows: dict[str, dict[str, Any]] = {}
+    for index, cell in enumerate(cells, 1):
+        cell_dir = out / "cells" / cell.name
+        config = spec.config(cell, cell_dir)
+        tag = f"[{index}/{len(cells)}] {cell.name}"
+        if (cell_dir / "summary.json").exists():
+            rows[cell.name] = cell_row(cell, config, read_json(cell_dir / "summary.json"))
+            progress(f"{tag}: finished earlier, skipped")
+            continue
+        interrupted = (cell_dir / "checkpoint" / "state.json").exists()
+        progress(f"{tag}: {'resuming from its checkpoint' if interrupted else 'running'} ...")
+        started = time.perf_counter()
+        try:
+            summary = runner(config, resume=interrupted)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # one failed cell must not lose the others' results
+            log.exception("cell %s failed", cell.name)
+            rows[cell.name] = cell_row(cell, config, None, error=f"{type(err).__name__}: {err}")
+            progress(f"{tag}: FAILED after {time.perf_counter() - started:.0f} s: {err}")
+        else:
+            rows[cell.name] = row = cell_row(cell, config, summary)
+            progress(f"{tag}: {row['metric']} {row['value']:.4f}, epsilon certified {_fmt_eps(row['epsilon_certified'])}, "
+                     f"{time.perf_counter() - started:.0f} s")
+        write_grid_outputs(out, spec, [rows[c.name] for c in cells if c.name in rows])
+    ordered = [rows[c.name] for c in cells]
+    write_grid_outputs(out, spec, ordered)
+    return ordered
+
+
+def _fmt_eps(value: float) -> str:
+    return "inf (no DP)" if math.isinf(value) else f"{value:.3f}"

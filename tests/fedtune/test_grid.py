@@ -1,0 +1,116 @@
+"""The compare grid: parsing, cells, and how compute and privacy are matched between settings."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import RunConfig
+from fedtune.grid import Cell, GridSpec, parse_epsilons, parse_partitions, parse_seeds
+
+
+def test_parse_epsilons_sorts_and_keeps_inf() -> None:
+    assert parse_epsilons("8, 1,3,inf,8") == (1.0, 3.0, 8.0, math.inf)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("", "empty"), (" , ", "empty"), ("1,-3", "'-3'"), ("0", "'0'"), ("nan", "'nan'"), ("1,abc", "'abc'"),
+])
+def test_bad_epsilon_lists_are_refused_naming_the_value(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        parse_epsilons(text)
+
+
+def test_parse_partitions_canonical_and_unknown() -> None:
+    assert parse_partitions("iid, Dirichlet:0.50,dirichlet") == ("iid", "dirichlet:0.5")
+    for bad in ("kmeans", "iid:3", "dirichlet:-1", "dirichlet:x"):
+        with pytest.raises(ValueError, match="partition|alpha|iid|Dirichlet"):
+            parse_partitions(bad)
+    with pytest.raises(ValueError, match="empty"):
+        parse_partitions("")
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("1,0,1") == (1, 0)
+    for bad in ("", "-1", "a"):
+        with pytest.raises(ValueError, match="seed"):
+            parse_seeds(bad)
+
+
+def test_cells_order_and_names() -> None:
+    spec = GridSpec(RunConfig(clients=4), (8.0, math.inf), ("iid", "dirichlet:0.5"), (0, 1))
+    cells = spec.cells()
+    assert len(cells) == 2 * 3 * 2
+    assert cells[0] == Cell("centralized", "pooled", 8.0, 0)
+    assert [c.name for c in cells[:6]] == [
+        "centralized-eps8-seed0", "centralized-epsinf-seed0", "federated-iid-eps8-seed0", "federated-iid-epsinf-seed0",
+        "federated-dirichlet0.5-eps8-seed0", "federated-dirichlet0.5-epsinf-seed0",
+    ]
+    assert len({c.name for c in cells}) == len(cells)
+    assert GridSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_grid_needs_settings_and_clients() -> None:
+    with pytest.raises(ValueError, match="no settings"):
+        GridSpec(RunConfig(), (8.0,), (), centralized=False)
+    with pytest.raises(ValueError, match="at least 2 clients"):
+        GridSpec(RunConfig(clients=1), (8.0,), ("iid",))
+
+
+def test_cell_configs_change_only_what_the_cell_says(tmp_path: Path) -> None:
+    base = RunConfig(clients=4, rounds=3, local_steps=5, batch_size=16, learning_rate=1e-3, lora_rank=4)
+    spec = GridSpec(base, (3.0,), ("dirichlet:0.3",), (7,))
+    central, federated = (spec.config(c, tmp_path / c.name) for c in spec.cells())
+    assert federated == base.replace(partition="dirichlet:0.3", epsilon=3.0, seed=7, out=str(tmp_path / "federated-dirichlet0.3-eps3-seed7"))
+    # centralized: one client, K x S steps per round (same K*S*B examples), the rest unchanged
+    assert central.clients == 1 and central.local_steps == 4 * 5
+    assert (central.rounds, central.batch_size, central.learning_rate, central.lora_rank, central.epsilon, central.seed) == (3, 16, 1e-3, 4, 3.0, 7)
+
+
+@pytest.mark.slow
+def test_epoch_based_cells_process_the_same_examples(tmp_path: Path, glue_dir: Path) -> None:
+    from fedtune.workload import get_workload
+
+    base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=4, rounds=2, local_epochs=1.0, batch_size=16, max_train_examples=400)
+    spec = GridSpec(base, (8.0,), ("iid", "dirichlet:0.5"))
+    processed = {}
+    for cell in spec.cells():
+        config = spec.config(cell, tmp_path / cell.name)
+        work = get_workload(config)
+        assert sum(len(s) for s in work.shards) == 400  # the pooled set is the union of the shards
+        processed[cell.name] = sum(work.steps_per_round(k) for k in range(len(work.shards))) * config.batch_size
+    central = processed.pop("centralized-eps8-seed0")
+    assert central == 25 * 16
+    for name, value in processed.items():  # ceil per client: at most one extra batch per client
+        assert central <= value <= central + 4 * 16, name
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--epsilons", ""], "epsilon list is empty"),
+    (["--epsilons", "1,-3"], "'-3'"),
+    (["--partitions", "iid,kmeans"], "unknown partition scheme 'kmeans'"),
+    (["--clients", "1"], "at least 2 clients"),
+])
+def test_compare_cli_refuses_bad_grids(args: list[str], fragment: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "compare", *args, "--out", str(tmp_path / "grid")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "grid").exists()
+
+
+@pytest.mark.slow
+def test_min_shard_size_lets_a_dirichlet_grid_use_large_batches(tmp_path: Path, glue_dir: Path) -> None:
+    from fedtune.simulation import check_workload
+    from fedtune.workload import get_workload
+
+    base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=8, partition="dirichlet:0.5", batch_size=64, max_train_examples=2000, seed=1)
+    with pytest.raises(ValueError, match="min-shard-size"):
+        check_workload(base)
+    raised = base.replace(min_shard_size=64)
+    check_workload(raised)
+    assert min(len(s) for s in get_workload(raised).shards) >= 64
