@@ -72,7 +72,7 @@ def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str
     summary = json.loads(summary_path.read_text())
     metric = summary["metric"]
     return {
-        "name": name, **knobs, "metric": metric, "initial": summary["rounds"][0][metric], "final": summary["final_accuracy"],
+        "name": name, "eps": args.epsilon, **knobs, "metric": metric, "initial": summary["rounds"][0][metric], "final": summary["final_accuracy"],
         "best": max(r[metric] for r in summary["rounds"]), "per_round": [round(r[metric], 4) for r in summary["rounds"]],
         "epsilon_certified": summary["composed_epsilon"], "seconds": summary["seconds"], "status": "ok",
         "command": "fedtune " + " ".join(c for c in cmd[3:]),
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     writer.writeheader()
     writer.writerows(rows)
     (results / f"{args.name}.csv").write_text(buffer.getvalue())
-    used = [k for k in KNOBS if any(k in r for r in rows)]
+    used = [k for k in KNOBS if any(k in r for r in rows) and (k != "eps" or any("eps" in s for s in settings))]
     lines = [f"Date: {date}  ", f"Command: `{command}`", "",
              "| " + " | ".join([*used, "metric per round", "final", "certified epsilon", "seconds"]) + " |",
              "|" + "---|" * (len(used) + 4)]

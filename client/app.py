@@ -9,12 +9,18 @@ For each ``train`` message the client
 4. records the spend and the update in its own state folder *before* replying;
 5. replies with the new adapter and head weights, its example count and loss, and the round's
    privacy event. A round it has already paid for is answered with the stored update (no new spend).
+
+A simulated client (``fedtune simulate``, ``flwr run .``) takes its shard from the shared workload; a
+deployed one (a SuperNode started by ``fedtune client``) takes it from its own machine and checks the
+server's settings against its own first (:mod:`fedtune.client.deployed`). Both run :func:`run_job`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +30,13 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client.privacy import ClientPrivacy, Plan
 from fedtune.config import RunConfig
+from fedtune.deployment import DATA_PATH_KEY
 from fedtune.privacy.events import SubsampledGaussianEvent
 from fedtune.records import to_record, to_state
 from fedtune.server.strategy import PRIVACY_KEY, STATUS_OK, STATUS_REFUSED
 from fedtune.workload import get_workload
 
-__all__ = ["make_client_app", "train_round", "client_state_dir"]
+__all__ = ["ClientJob", "make_client_app", "run_job", "train_round", "client_state_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -46,39 +53,93 @@ def _reply(message: Message, update: dict[str, np.ndarray] | None, privacy: dict
     return Message(content, reply_to=message)
 
 
+@dataclass
+class ClientJob:
+    """Everything one client needs for a round, wherever its data comes from.
+
+    A simulated client gets it from the shared :class:`~fedtune.workload.Workload` (its partition of
+    the task); a deployed client from its own shard on its own machine
+    (:mod:`fedtune.client.deployed`). Both then run the same :func:`run_job`.
+    """
+
+    client_id: str
+    guard: ClientPrivacy
+    shard: Any
+    sampling_rate: float
+    steps: int
+    new_model: Callable[[], Any]
+    collator: Any
+    seed_index: int
+    noise_multiplier: float | None = None
+
+
 def train_round(message: Message, config: RunConfig, partition_id: int, state_dir: Path | None = None) -> Message:
-    """Handle one ``train`` message for client ``partition_id`` (the body of the ClientApp)."""
+    """Handle one ``train`` message for simulated client ``partition_id`` (the body of the ClientApp)."""
+    client_id = str(partition_id)
+    workload = get_workload(config)
+    job = ClientJob(
+        client_id=client_id,
+        guard=ClientPrivacy(client_id, state_dir or client_state_dir(config, client_id), config.epsilon, config.delta, config.accountant),
+        shard=workload.train_set(partition_id),
+        sampling_rate=workload.sampling_rate(partition_id),
+        steps=workload.steps_per_round(partition_id),
+        new_model=workload.new_model,
+        collator=workload.collator,
+        seed_index=partition_id,
+    )
+    return run_job(message, config, job)
+
+
+def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
+    """Train one round for ``job``: privacy plan, refusal or re-send, DP-SGD, record, reply."""
     from fedtune.model import pick_device, set_trainable_state
     from fedtune.train import TrainConfig, train_local
 
     server_round = int(message.content["config"]["server-round"])
-    client_id = str(partition_id)
-    workload = get_workload(config)
-    shard = workload.train_set(partition_id)
-    examples = len(shard)
-    q, steps = workload.sampling_rate(partition_id), workload.steps_per_round(partition_id)
-    guard = ClientPrivacy(client_id, state_dir or client_state_dir(config, client_id), config.epsilon, config.delta, config.accountant)
+    client_id, guard = job.client_id, job.guard
+    examples = len(job.shard)
+    q, steps = job.sampling_rate, job.steps
     base = {"client-id": client_id, "examples": examples, "sampling-rate": q, "steps": steps, "dp": guard.private}
     sigma: float | None = None
     if guard.private:
-        sigma = guard.calibrate(Plan(q, steps, config.rounds)).sigma
-        event = SubsampledGaussianEvent(q, sigma, steps)
-        if guard.paid_for(server_round):
+        paid = guard.paid_event(server_round)
+        if paid is not None:
             update = guard.paid_update(server_round)
-            if update is not None:
-                log.info("client %s: round %d already paid for; re-sending the stored update", client_id, server_round)
-                return _reply(message, update, {**base, "status": STATUS_OK, "noise-multiplier": sigma, "resent": True}, {"num-examples": examples})
+            if update is None:  # training again would release a second output for a round counted once
+                reason = f"round {server_round} is already paid for but its stored update is missing from {guard.state_dir}; refusing to train it again"
+                log.warning("client %s refuses round %d: %s", client_id, server_round, reason)
+                return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": reason, "noise-multiplier": paid.noise_multiplier},
+                              {"num-examples": examples})
+            log.info("client %s: round %d already paid for; re-sending the stored update", client_id, server_round)
+            return _reply(message, update, {**base, "status": STATUS_OK, "sampling-rate": paid.sampling_rate, "steps": paid.steps,
+                                            "noise-multiplier": paid.noise_multiplier, "resent": True}, {"num-examples": examples})
+        plan = Plan(q, steps, config.rounds)
+        if job.noise_multiplier is None:
+            sigma = guard.calibrate(plan).sigma
+        else:
+            verdict = guard.check_noise(plan, job.noise_multiplier)
+            if not verdict.allowed:
+                log.info("client %s refuses round %d: %s", client_id, server_round, verdict.reason)
+                return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": verdict.reason, "noise-multiplier": job.noise_multiplier},
+                              {"num-examples": examples})
+            sigma = job.noise_multiplier
+        event = SubsampledGaussianEvent(q, sigma, steps)
         verdict = guard.admit(event)
         if not verdict.allowed:
             log.info("client %s refuses round %d: %s", client_id, server_round, verdict.reason)
             return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": verdict.reason, "noise-multiplier": sigma}, {"num-examples": examples})
-    model = workload.new_model()
-    set_trainable_state(model, to_state(message.content["arrays"]))
+    model = job.new_model()
+    try:
+        set_trainable_state(model, to_state(message.content["arrays"]))
+    except ValueError as err:  # the server's global model itself is malformed: refuse, never crash
+        reason = f"the global model sent for round {server_round} is unusable: {err}"
+        log.warning("client %s refuses round %d: %s", client_id, server_round, reason)
+        return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": reason, "noise-multiplier": sigma or 0.0}, {"num-examples": examples})
     train_config = TrainConfig(
-        batch_size=config.batch_size, steps=steps, learning_rate=config.learning_rate,
-        max_grad_norm=config.max_grad_norm, noise_multiplier=sigma, seed=config.seed * 100_003 + server_round * 1009 + partition_id,
+        batch_size=min(config.batch_size, examples), steps=steps, learning_rate=config.learning_rate,
+        max_grad_norm=config.max_grad_norm, noise_multiplier=sigma, seed=config.seed * 100_003 + server_round * 1009 + job.seed_index,
     )
-    result = train_local(model, shard, workload.collator, train_config, pick_device())
+    result = train_local(model, job.shard, job.collator, train_config, pick_device())
     update = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
     privacy = {**base, "status": STATUS_OK, "noise-multiplier": sigma if sigma is not None else 0.0}
     if guard.private:
@@ -98,6 +159,10 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        if config is None and DATA_PATH_KEY in context.node_config:  # a SuperNode started by `fedtune client`
+            from fedtune.client.deployed import train_deployed
+
+            return train_deployed(message, context)
         run = RunConfig.from_flower(dict(context.run_config)) if config is None else config
         partition_id = int(context.node_config.get("partition-id", 0))
         return train_round(message, run, partition_id)

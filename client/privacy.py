@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.io import atomic_write_bytes, atomic_write_json, read_json
-from fedtune.privacy.calibration import Calibration, calibrate_noise
+from fedtune.privacy.calibration import Calibration, calibrate_noise, certifier
 from fedtune.privacy.events import SubsampledGaussianEvent
 from fedtune.privacy.ledger import BudgetCheck, PrivacyLedger
 
@@ -92,6 +92,23 @@ class ClientPrivacy:
     def paid_for(self, server_round: int) -> bool:
         """Whether this round's spend is already in the client's ledger."""
         return server_round in self.ledger.rounds(self.client_id)
+
+    def paid_event(self, server_round: int) -> SubsampledGaussianEvent | None:
+        """The event recorded for ``server_round``, or None if the round is not paid for."""
+        return next((e.event for e in self.ledger if e.client_id == self.client_id and e.round == server_round), None)
+
+    def check_noise(self, plan: Plan, sigma: float) -> BudgetCheck:
+        """Would training all of ``plan`` with a noise multiplier ``sigma`` (e.g. one the server asks for)
+        keep this client within its budget? Checked with the certified (``pld``) bound."""
+        if not (math.isfinite(sigma) and sigma > 0):
+            return BudgetCheck(False, math.inf, self.epsilon, f"noise multiplier {sigma!r} is not a positive finite number")
+        planned = SubsampledGaussianEvent(plan.sampling_rate, sigma, plan.total_steps)
+        after = certifier().get_epsilon(planned, self.delta)
+        if after > self.epsilon:
+            return BudgetCheck(False, after, self.epsilon, (
+                f"noise multiplier {sigma:g} over {plan.rounds} rounds x {plan.steps_per_round} steps at q = {plan.sampling_rate:.4g} "
+                f"gives epsilon {after:.4g} (certified, delta {self.delta:g}) > this client's budget {self.epsilon:g}"))
+        return BudgetCheck(True, after, self.epsilon)
 
     def admit(self, event: SubsampledGaussianEvent) -> BudgetCheck:
         """Prospective check of a new round against the budget (certified bound)."""

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_run_parsers(sub)
+    from fedtune.deploy_cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     return parser
 
 

@@ -56,7 +56,7 @@ def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, e
     clients = summary.get("clients", [])
     rounds_done = max(int(r["round"]) for r in summary["rounds"])
     workload = get_workload(config)
-    expected = sum(workload.steps_per_round(k) for k in range(len(workload.shards))) * rounds_done * config.batch_size
+    expected = sum(workload.steps_per_round(k) * workload.batch_size(k) for k in range(len(workload.shards))) * rounds_done
     row.update({
         "epsilon_certified": _finite_or_inf(summary.get("composed_epsilon")),
         "epsilon_estimate": max((_finite_or_inf(c.get("epsilon")) for c in clients), default=math.inf),

@@ -66,22 +66,27 @@ def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
     metric = next(iter(groups.values()))[0]["metric"]
     seeds = sorted({int(r["seed"]) for r in _ok(rows)})
     lines = [
-        f"| setting | epsilon target | certified epsilon reached | {metric} | gap to non-private | examples processed | minutes | seeds |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        f"| setting | epsilon target | certified epsilon reached | {metric} | vs non-private (same setting) | vs centralized (same epsilon) "
+        "| examples processed | minutes | seeds |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    nonprivate = {label: statistics.fmean(_num(r["value"]) for r in g) for (label, e), g in groups.items() if math.isinf(e)}
+    means = {key: statistics.fmean(_num(r["value"]) for r in g) for key, g in groups.items()}
+    nonprivate = {label: v for (label, e), v in means.items() if math.isinf(e)}
     for (label, epsilon), group in groups.items():
         values = [_num(r["value"]) for r in group]
         certified = [_num(r["epsilon_certified"]) for r in group]
         cert = "— (no DP)" if math.isinf(epsilon) else _spread(certified, 3)
-        gap = "" if math.isinf(epsilon) or label not in nonprivate else f"{100 * (statistics.fmean(values) - nonprivate[label]):+.1f} pts"
+        gap = "" if math.isinf(epsilon) or label not in nonprivate else f"{100 * (means[label, epsilon] - nonprivate[label]):+.1f} pts"
+        central = means.get(("centralized", epsilon))
+        fed_gap = "" if label == "centralized" or central is None else f"{100 * (means[label, epsilon] - central):+.1f} pts"
         lines.append(
-            f"| {label} | {_eps(epsilon)} | {cert} | {_spread(values, 4)} | {gap} | "
+            f"| {label} | {_eps(epsilon)} | {cert} | {_spread(values, 4)} | {gap} | {fed_gap} | "
             f"{statistics.fmean(_num(r['examples_processed']) for r in group):,.0f} | "
             f"{statistics.fmean(_num(r['seconds']) for r in group) / 60:.1f} | {len(group)} |"
         )
     failed = [r for r in rows if r.get("status") == "failed"]
-    notes = [f"Mean over seeds {', '.join(map(str, seeds))}" + (", min–max in brackets." if len(seeds) > 1 else ".")]
+    notes = [f"Mean over seeds {', '.join(map(str, seeds))}" + (", min–max in brackets" if len(seeds) > 1 else "")
+             + "; gaps compare means, in points (metric x 100)."]
     notes += [f"FAILED: {r['cell']}: {r.get('error', '')}" for r in failed]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 

@@ -34,6 +34,12 @@ __all__ = ["Cell", "GridSpec", "parse_epsilons", "parse_partitions", "parse_seed
 Setting = Literal["centralized", "federated"]
 
 
+def _items(text: str | Iterable[Any]) -> list[str]:
+    """The non-empty entries of a comma-separated string (or of an iterable)."""
+    items = text.split(",") if isinstance(text, str) else [str(s) for s in text]
+    return [s.strip() for s in items if s.strip()]
+
+
 def parse_epsilons(text: str | Iterable[Any]) -> tuple[float, ...]:
     """Parse ``"1,3,8,inf"`` into sorted, distinct budgets.
 
@@ -42,8 +48,7 @@ def parse_epsilons(text: str | Iterable[Any]) -> tuple[float, ...]:
     ValueError
         An empty list, or an entry that is not a number > 0 (``inf`` allowed), naming the entry.
     """
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    items = [s for s in items if s]
+    items = _items(text)
     if not items:
         raise ValueError("the epsilon list is empty; give budgets > 0 such as '1,3,8,inf' (inf = no DP)")
     values = []
@@ -66,8 +71,7 @@ def parse_partitions(text: str | Iterable[str]) -> tuple[str, ...]:
     ValueError
         An empty list or an unknown spec (the message names it and the allowed forms).
     """
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    items = [s for s in items if s]
+    items = _items(text)
     if not items:
         raise ValueError("the partition list is empty; give e.g. 'iid,dirichlet:0.5'")
     specs: list[str] = []
@@ -80,8 +84,7 @@ def parse_partitions(text: str | Iterable[str]) -> tuple[str, ...]:
 
 def parse_seeds(text: str | Iterable[Any]) -> tuple[int, ...]:
     """Parse ``"0,1"`` into distinct seeds >= 0, in the given order."""
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    items = [s for s in items if s]
+    items = _items(text)
     if not items:
         raise ValueError("the seed list is empty; give e.g. '0' or '0,1'")
     seeds: list[int] = []

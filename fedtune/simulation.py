@@ -34,8 +34,8 @@ def check_workload(config: RunConfig) -> None:
 
     Unknown task or model, a missing data folder, a partition that leaves a client empty or more
     clients than examples all fail here. For a private run it also checks that
-    ``delta < 1 / smallest shard`` (a delta that large would allow leaking a whole record) and that the
-    batch size fits the smallest shard (Poisson rate ``q = B / N <= 1``).
+    ``delta < 1 / smallest shard`` (a delta that large would allow leaking a whole record). A client
+    whose shard is smaller than the batch size trains on the whole shard at every step (q = 1).
     """
     from fedtune.workload import get_workload
 
@@ -46,12 +46,10 @@ def check_workload(config: RunConfig) -> None:
             f"delta = {config.delta:g} must be below 1 / (smallest shard) = 1/{smallest} = {1.0 / smallest:.3g}; "
             "a larger delta allows an output that reveals a whole record"
         )
-    if config.private and config.batch_size > smallest:
-        raise ValueError(
-            f"batch size {config.batch_size} is larger than the smallest shard ({smallest} examples): "
-            "Poisson sampling needs q = batch / shard <= 1; lower --batch-size, use fewer clients, or "
-            "(dirichlet) raise --min-shard-size to at least the batch size"
-        )
+    small = [k for k, s in enumerate(workload.shards) if len(s) < config.batch_size]
+    if config.private and small:
+        log.info("clients %s hold fewer examples than the batch size %d: they train on their whole shard at every "
+                 "step (q = 1, no amplification by subsampling)", ", ".join(map(str, small)), config.batch_size)
     for note in workload.data.notes:
         log.info("data: %s", note)
 

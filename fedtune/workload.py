@@ -78,14 +78,20 @@ class Workload:
         return self._eval
 
     def steps_per_round(self, partition_id: int) -> int:
-        """Local optimizer steps per round for a client."""
-        if self.config.local_steps is not None:
-            return self.config.local_steps
-        return max(1, math.ceil(self.config.local_epochs * len(self.shards[partition_id]) / self.config.batch_size))
+        """Local optimizer steps per round for a client (:func:`fedtune.standalone.local_plan`)."""
+        from fedtune.standalone import local_plan
+
+        return local_plan(self.config, len(self.shards[partition_id]))[1]
 
     def sampling_rate(self, partition_id: int) -> float:
-        """Poisson rate q = B / N of a client."""
-        return self.config.batch_size / len(self.shards[partition_id])
+        """Poisson rate q = min(1, B / N) of a client (:func:`fedtune.standalone.local_plan`)."""
+        from fedtune.standalone import local_plan
+
+        return local_plan(self.config, len(self.shards[partition_id]))[0]
+
+    def batch_size(self, partition_id: int) -> int:
+        """Expected batch of a client: ``B``, or its whole shard if that is smaller."""
+        return min(self.config.batch_size, len(self.shards[partition_id]))
 
 
 def _data_key(config: RunConfig) -> RunConfig:

@@ -17,12 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import RunConfig
+from fedtune.deployment import DeployOptions, configure_logging, split_run_config
 from fedtune.io import atomic_write_json
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.records import to_record, to_state
 from fedtune.report import plot_rounds, write_metrics_csv, write_summary
 from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.server.loop import RoundResult, array_bytes, run_rounds
+from fedtune.server.quorum import run_with_quorum
 from fedtune.server.strategy import LedgerStrategy
 from fedtune.workload import get_workload
 
@@ -31,15 +33,22 @@ __all__ = ["make_server_app", "run_server"]
 log = logging.getLogger(__name__)
 
 
-def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run the whole federation for ``config`` on ``grid``; returns the summary (also written to disk)."""
+def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, workload: Any = None,
+               deployment: DeployOptions | None = None) -> dict[str, Any]:
+    """Run the whole federation for ``config`` on ``grid``; returns the summary (also written to disk).
+
+    ``workload`` defaults to the simulation's shared :class:`~fedtune.workload.Workload`; a deployed
+    server passes an :class:`~fedtune.server.eval_workload.EvalWorkload` (no client data) and its
+    ``deployment`` options, and then runs the rounds under a quorum
+    (:func:`fedtune.server.quorum.run_with_quorum`).
+    """
     from fedtune.data import describe_partitions, main_metric
     from fedtune.evaluate import evaluate
     from fedtune.model import get_trainable_state, pick_device, save_adapter, set_trainable_state
 
     started = time.perf_counter()
     out = config.out_dir
-    workload = get_workload(config)
+    workload = get_workload(config) if workload is None else workload
     metric = main_metric(workload.data.spec)
     device = pick_device()
     eval_model = workload.new_model()
@@ -52,8 +61,9 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
         arrays, rounds, first, earlier_seconds = to_record(get_trainable_state(eval_model)), [], 1, 0.0
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
+    min_nodes = config.clients if deployment is None else 1  # deployed: the quorum loop does the waiting, with timeouts
     strategy = LedgerStrategy(
-        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.clients, min_available_nodes=config.clients),
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_nodes, min_available_nodes=min_nodes),
         ledger,
     )
 
@@ -81,26 +91,41 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False) -> dict[s
                        "epsilon_certified": 0.0 if config.private else math.inf, "clients_trained": 0, "clients_rejected": 0,
                        "bytes_sent": 0, "bytes_received": 0, "seconds": 0.0})
         log.info("round 0 (initial model): %s %.4f", metric, initial[metric])
-    final = run_rounds(
-        strategy, grid, arrays, first_round=first, last_round=config.rounds,
-        train_config=ConfigRecord({}), evaluate=evaluate_fn, on_round_end=on_round_end,
-    )
+    stop_reason: str | None = None
+    if deployment is None:
+        final = run_rounds(
+            strategy, grid, arrays, first_round=first, last_round=config.rounds,
+            train_config=ConfigRecord({}), evaluate=evaluate_fn, on_round_end=on_round_end,
+        )
+    else:
+        final, stop_reason = run_with_quorum(
+            strategy, grid, arrays, first_round=first, last_round=config.rounds, expected_clients=config.clients,
+            options=deployment, evaluate=evaluate_fn, on_round_end=on_round_end,
+        )
     set_trainable_state(eval_model, to_state(final))
     save_adapter(eval_model, out / "adapter")
     clients = ledger.report() if config.private else [
         {"id": str(i), "rounds": 0, "steps": 0, "examples": len(s), "epsilon": math.inf, "epsilon_certified": math.inf}
         for i, s in enumerate(workload.shards)
-    ]
+    ] or [{"id": c, "rounds": 0, "steps": 0, "examples": 0, "epsilon": math.inf, "epsilon_certified": math.inf}
+          for c in sorted(set(strategy.node_to_client.values()))]
+    notes = list(workload.data.notes)
+    if not workload.shards:
+        notes.append("deployed: each client trained on its own data on its own machine; the server saw only the evaluation split")
     summary = {
         "task": config.task, "metric": metric, "final_accuracy": rounds[-1][metric],
         "final_metrics": {k: v for k, v in rounds[-1].items() if k not in ("round",)},
         "rounds": rounds, "clients": clients, "composed_epsilon": composed(), "delta": config.delta,
         "epsilon_target": config.epsilon, "certified_by": "pld", "estimated_by": config.accountant,
         "bytes_per_round": array_bytes(final), "rejected_updates": strategy.rejected,
-        "partition": {"scheme": config.partition, "alpha": config.alpha, "shards": describe_partitions(workload.shards)},
-        "notes": list(workload.data.notes), "seconds": earlier_seconds + time.perf_counter() - started,
+        "partition": {"scheme": config.partition, "alpha": config.alpha, "shards": describe_partitions(workload.shards) if workload.shards else []},
+        "notes": notes, "seconds": earlier_seconds + time.perf_counter() - started,
         "stopped_early": len(rounds) - 1 < config.rounds,
     }
+    if deployment is not None:
+        summary["stop_reason"] = stop_reason
+        summary["deployment"] = {"min_clients": deployment.quorum(config.clients), "round_retries": deployment.round_retries,
+                                 "round_timeout": deployment.round_timeout, "noise_multiplier": deployment.noise_multiplier or None}
     write_metrics_csv(out / "metrics.csv", rounds)
     write_summary(out / "summary.json", summary)
     plot_rounds(out / "plot.png", rounds, metric=metric, title=f"fedtune {config.task}: {config.clients} clients, epsilon {config.epsilon:g}")
@@ -113,8 +138,17 @@ def make_server_app(config: RunConfig | None = None, *, resume: bool = False) ->
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run = RunConfig.from_flower(dict(context.run_config)) if config is None else config
-        run_server(grid, run, resume=resume)
+        if config is not None:
+            run_server(grid, config, resume=resume)
+            return
+        run, options = split_run_config(context.run_config)
+        if not options.deployed:
+            run_server(grid, run, resume=resume or options.resume)
+            return
+        from fedtune.server.eval_workload import EvalWorkload
+
+        configure_logging()
+        run_server(grid, run, resume=resume or options.resume, workload=EvalWorkload.build(run), deployment=options)
 
     return app
 

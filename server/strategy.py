@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -100,18 +101,21 @@ class LedgerStrategy(Strategy):
         if len(content.array_records) != 1:
             self._reject(server_round, node, f"expected one ArrayRecord, got {len(content.array_records)}")
             return False
+        private_run = self.ledger.budget is not None and math.isfinite(self.ledger.budget)
+        if private_run and not privacy.get("dp", True):
+            self._reject(server_round, node, f"client {client} sent a non-private update in a private run")
+            return False
         try:
             if self._reference is not None:
                 validate_update(next(iter(content.array_records.values())), self._reference)
-            event = None
             if privacy.get("dp", True):
                 event = SubsampledGaussianEvent(float(privacy["sampling-rate"]), float(privacy["noise-multiplier"]), int(privacy["steps"]))
+                # a conflicting event for a recorded (client, round), e.g. two nodes claiming one id, is refused here
+                self.ledger.record(client, server_round, event, int(privacy["examples"]))
+                self.last_event[client] = event
         except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
             self._reject(server_round, node, f"client {client}: {err}")
             return False
-        if event is not None:
-            self.ledger.record(client, server_round, event, int(privacy["examples"]))
-            self.last_event[client] = event
         return True
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:

@@ -104,13 +104,19 @@ def test_compare_cli_refuses_bad_grids(args: list[str], fragment: str, tmp_path:
 
 
 @pytest.mark.slow
-def test_min_shard_size_lets_a_dirichlet_grid_use_large_batches(tmp_path: Path, glue_dir: Path) -> None:
+def test_small_dirichlet_shards_train_full_batch_or_get_a_minimum_size(glue_dir: Path) -> None:
     from fedtune.simulation import check_workload
     from fedtune.workload import get_workload
 
     base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=8, partition="dirichlet:0.5", batch_size=64, max_train_examples=2000, seed=1)
-    with pytest.raises(ValueError, match="min-shard-size"):
-        check_workload(base)
+    check_workload(base)  # accepted: clients below the batch size use q = 1
+    work = get_workload(base)
+    sizes = [len(s) for s in work.shards]
+    assert min(sizes) < 64
+    for k, n in enumerate(sizes):
+        assert work.sampling_rate(k) == pytest.approx(min(1.0, 64 / n))
+        assert work.batch_size(k) == min(64, n)
+        assert work.steps_per_round(k) == math.ceil(n / 64)
     raised = base.replace(min_shard_size=64)
     check_workload(raised)
     assert min(len(s) for s in get_workload(raised).shards) >= 64

@@ -119,3 +119,24 @@ def test_duplicate_reply_counts_once() -> None:
     strategy.aggregate_train(3, [reply(1, arrays(1.0), 10)])
     strategy.aggregate_train(3, [reply(1, arrays(1.0), 10)])
     assert len(strategy.ledger) == 1
+
+
+def test_two_nodes_claiming_one_client_id_are_rejected_not_a_crash() -> None:
+    strategy = make_strategy(budget=50.0)
+    other = SubsampledGaussianEvent(0.2, 1.0, 10)  # a different event for the same (client, round)
+    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(1.0), 100, client="alice"), reply(2, arrays(3.0), 100, client="alice", event=other)])
+    assert agg is not None
+    np.testing.assert_allclose(agg["head"].numpy(), 1.0)  # only the first, recorded update is averaged
+    assert strategy.ledger.composition("alice").steps == 10
+    assert len(strategy.rejected) == 1 and "alice" in str(strategy.rejected[0]["reason"])
+
+
+def test_a_non_private_update_is_rejected_in_a_private_run() -> None:
+    strategy = make_strategy(budget=8.0)
+    message = reply(1, arrays(1.0), 100)
+    message.content[PRIVACY_KEY]["dp"] = False
+    agg, _ = strategy.aggregate_train(1, [message, reply(2, arrays(2.0), 100)])
+    assert agg is not None
+    np.testing.assert_allclose(agg["head"].numpy(), 2.0)
+    assert "non-private update in a private run" in str(strategy.rejected[0]["reason"])
+    assert strategy.ledger.clients == ["2"]

@@ -1,0 +1,120 @@
+"""Rounds under a quorum: dead or silent clients, retries, clean stops (a scripted grid, no network)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.deployment import DeployOptions
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.server.loop import RoundResult
+from fedtune.server.quorum import run_with_quorum
+from fedtune.server.strategy import PRIVACY_KEY, LedgerStrategy
+
+START = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+
+# A node's answer in one attempt: "ok" (a valid update of all ones), "error" (what the SuperLink sends for
+# a node whose heartbeats stopped), "nan" (a malformed update), "silent" (no reply before the timeout).
+Script = dict[int, list[str]]
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class ScriptedGrid:
+    """A Grid whose nodes answer each attempt as scripted; nodes listed in ``gone_after`` disconnect."""
+
+    def __init__(self, script: Script, connected: Callable[[int], list[int]] | None = None) -> None:
+        self.script = script
+        self.attempt = 0
+        self.sent: list[list[int]] = []
+        self._connected = connected or (lambda attempt: sorted(script))
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._connected(self.attempt)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.sent.append(sorted(m.metadata.dst_node_id for m in messages))
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            plan = self.script[node]
+            answer = plan[min(self.attempt, len(plan) - 1)]
+            if answer == "silent":
+                continue
+            TaskIdentity.node_id = node
+            if answer == "error":
+                replies.append(Message(Error(code=0, reason="node unavailable: heartbeats stopped"), reply_to=message))
+            else:
+                value = np.full(3, np.nan if answer == "nan" else 1.0, dtype=np.float32)
+                privacy = ConfigRecord({"client-id": f"c{node}", "status": "ok", "sampling-rate": 0.1, "noise-multiplier": 1.0,
+                                        "steps": 5, "examples": 10})
+                replies.append(Message(RecordDict({"arrays": ArrayRecord({"w": Array(value)}), "metrics": MetricRecord({"num-examples": 10}),
+                                                   PRIVACY_KEY: privacy}), reply_to=message))
+            TaskIdentity.node_id = 0
+        self.attempt += 1
+        return replies
+
+
+def run(grid: ScriptedGrid, *, clients: int, min_clients: int, retries: int = 1, rounds: int = 1) -> tuple[ArrayRecord, str | None, list[RoundResult], LedgerStrategy]:
+    strategy = LedgerStrategy(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+                              PrivacyLedger(None, 1e-5))
+    done: list[RoundResult] = []
+    options = DeployOptions(deployed=True, min_clients=min_clients, round_retries=retries, wait_timeout=0.05, round_timeout=1.0)
+    final, reason = run_with_quorum(strategy, grid, START, first_round=1, last_round=rounds, expected_clients=clients, options=options,  # type: ignore[arg-type]
+                                    evaluate=lambda rnd, arrays: {"accuracy": 0.5}, on_round_end=done.append)
+    return final, reason, done, strategy
+
+
+def test_a_dead_client_does_not_stop_the_round_when_enough_remain() -> None:
+    final, reason, done, strategy = run(ScriptedGrid({1: ["ok"], 2: ["ok"], 3: ["error"]}), clients=3, min_clients=2)
+    assert reason is None and len(done) == 1
+    assert done[0].clients_trained == 2 and done[0].clients_rejected == 1
+    np.testing.assert_allclose(final["w"].numpy(), 1.0)
+    assert strategy.ledger.clients == ["c1", "c2"]  # the dead client's reply never arrived: nothing recorded for it
+    assert "unavailable" in str(strategy.rejected[0]["reason"])
+
+
+def test_a_round_short_of_the_quorum_is_retried() -> None:
+    grid = ScriptedGrid({1: ["ok"], 2: ["silent", "ok"]})
+    final, reason, done, strategy = run(grid, clients=2, min_clients=2, retries=1)
+    assert reason is None and len(grid.sent) == 2 and grid.sent[1] == [1, 2]
+    assert len(done) == 1 and done[0].clients_trained == 2  # the retry's result is the round's
+    assert sorted(e.key for e in strategy.ledger) == [("c1", 1), ("c2", 1)]  # c1 answered twice, counted once
+
+
+def test_the_run_stops_cleanly_when_the_quorum_is_never_met() -> None:
+    grid = ScriptedGrid({1: ["ok"], 2: ["nan"]})
+    final, reason, done, _ = run(grid, clients=2, min_clients=2, retries=1, rounds=3)
+    assert done == []  # nothing checkpointed: the round did not count
+    assert reason is not None and "round 1" in reason and "1 valid update(s) after 2 attempt(s)" in reason and "at least 2" in reason
+    np.testing.assert_allclose(final["w"].numpy(), 0.0)  # the global model is unchanged
+
+
+def test_the_run_stops_when_too_few_clients_connect() -> None:
+    grid = ScriptedGrid({1: ["ok"], 2: ["ok"]}, connected=lambda attempt: [1])
+    _, reason, done, _ = run(grid, clients=2, min_clients=2)
+    assert done == [] and grid.sent == []
+    assert reason is not None and "only 1 client(s) connected" in reason
+
+
+def test_fewer_clients_than_expected_start_when_the_minimum_is_there() -> None:
+    grid = ScriptedGrid({1: ["ok"], 2: ["ok"]}, connected=lambda attempt: [1])
+    _, reason, done, _ = run(grid, clients=2, min_clients=1, rounds=2)
+    assert reason is None and [r.round for r in done] == [1, 2] and grid.sent == [[1], [1]]
+
+
+def test_min_clients_above_clients_is_refused() -> None:
+    with pytest.raises(ValueError, match="min-clients 3 is larger than clients 2"):
+        DeployOptions(min_clients=3).quorum(2)
