@@ -49,15 +49,16 @@ DATA_PATH_KEY = "data-path"
 def configure_logging() -> None:
     """Show fedtune's INFO messages in a deployed app's output (Flower configures only its own logger).
 
-    Only the ``fedtune`` logger gets a handler: the root logger stays quiet, so libraries (httpx ...)
-    do not flood the SuperLink and SuperNode logs.
+    Only the ``fedtune`` logger gets a handler, and only when the root logger has none (so nothing is
+    printed twice): the root logger stays quiet, so libraries (httpx ...) do not flood the SuperLink
+    and SuperNode logs. Propagation is left on, so handlers installed by the host (pytest's log
+    capture, an application's logging setup) still see fedtune's records.
     """
     logger = logging.getLogger("fedtune")
-    if not logger.handlers:
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
     logger.setLevel(logging.INFO)
 
 
