@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import signal
 import sys
@@ -25,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fedtune.argtypes import epsilon_arg as _epsilon
+from fedtune.argtypes import optional_int_arg as _optional_int
 from fedtune.config import RunConfig
 from fedtune.deployment import DeployOptions
 from fedtune.io import atomic_write_json, atomic_write_text, read_json
@@ -40,17 +41,6 @@ DEFAULT_PORT = 9092
 _RUN_KEYS = ("task", "model", "data_dir", "clients", "rounds", "epsilon", "delta", "local_epochs", "local_steps", "batch_size",
              "max_grad_norm", "learning_rate", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "max_eval_examples",
              "max_length", "seed", "accountant", "out")
-
-
-def _epsilon(text: str) -> float:
-    value = float(text)
-    if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"epsilon must be > 0 or 'inf', got {text!r}")
-    return value
-
-
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("", "none", "all") else int(text)
 
 
 def add_server_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

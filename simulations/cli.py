@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from fedtune.argtypes import epsilon_arg as _epsilon
+from fedtune.argtypes import optional_int_arg as _optional_int
 from fedtune.config import RunConfig
 from fedtune.io import read_json
 
 __all__ = ["add_run_parsers", "config_from_args"]
-
-
-def _epsilon(text: str) -> float:
-    value = float(text)
-    if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"epsilon must be > 0 or 'inf', got {text!r}")
-    return value
-
-
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("", "none", "all") else int(text)
 
 
 class _Defaults:
