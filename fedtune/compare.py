@@ -68,9 +68,16 @@ def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, e
         "examples_processed": expected,
         "seconds": float(summary.get("seconds", math.nan)),
         "client_epsilons": [_finite_or_inf(c.get("epsilon_certified")) for c in clients],
+        "rejected_updates": len(summary.get("rejected_updates", [])),
         "status": "stopped early" if summary.get("stopped_early") else "ok",
         "error": "",
     })
+    short = [int(r["round"]) for r in summary["rounds"][1:] if int(r.get("clients_trained", config.clients)) < config.clients]
+    if row["rejected_updates"] or short:
+        # e.g. a worker killed by Ray's out-of-memory monitor: the cell did not train what it planned
+        row["status"] = "degraded"
+        row["error"] = (f"{row['rejected_updates']} update(s) rejected; fewer than {config.clients} clients trained in round(s) "
+                        f"{', '.join(map(str, short)) or '-'}; see cells/{cell.name}/summary.json (delete the folder and --resume to rerun)")
     return row
 
 

@@ -19,7 +19,7 @@ __all__ = ["write_grid_outputs", "format_results_table", "plot_accuracy_vs_epsil
 #: Columns of ``results.csv`` (per-client epsilons are in ``results.json``).
 CSV_COLUMNS = (
     "cell", "seed", "setting", "partition", "clients", "epsilon_target", "delta", "epsilon_certified", "epsilon_estimate",
-    "metric", "value", "accuracy", "initial_value", "rounds_completed", "examples_processed", "seconds", "status", "error",
+    "metric", "value", "accuracy", "initial_value", "rounds_completed", "examples_processed", "rejected_updates", "seconds", "status", "error",
 )
 
 
@@ -84,10 +84,10 @@ def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{statistics.fmean(_num(r['examples_processed']) for r in group):,.0f} | "
             f"{statistics.fmean(_num(r['seconds']) for r in group) / 60:.1f} | {len(group)} |"
         )
-    failed = [r for r in rows if r.get("status") == "failed"]
+    failed = [r for r in rows if r.get("status") in ("failed", "degraded")]
     notes = [f"Mean over seeds {', '.join(map(str, seeds))}" + (", min–max in brackets" if len(seeds) > 1 else "")
              + "; gaps compare means, in points (metric x 100)."]
-    notes += [f"FAILED: {r['cell']}: {r.get('error', '')}" for r in failed]
+    notes += [f"{r['status'].upper()} (left out of the table and plots): {r['cell']}: {r.get('error', '')}" for r in failed]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 

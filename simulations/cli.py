@@ -122,7 +122,7 @@ def _compare(args: argparse.Namespace) -> int:
     rows = run_grid(spec, out, resume=bool(args.resume))
     print(json.dumps(jsonable(rows), indent=2) if args.json else "\n" + format_results_table(rows))
     print(f"outputs in {out}/: results.csv, results.md, results.json, accuracy_vs_epsilon.png, epsilon_spread.png, cells/")
-    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+    return 1 if any(r.get("status") in ("failed", "degraded") for r in rows) else 0
 
 
 def add_run_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -120,3 +120,25 @@ def test_small_dirichlet_shards_train_full_batch_or_get_a_minimum_size(glue_dir:
     raised = base.replace(min_shard_size=64)
     check_workload(raised)
     assert min(len(s) for s in get_workload(raised).shards) >= 64
+
+
+@pytest.mark.slow
+def test_a_cell_with_rejected_updates_is_degraded_and_left_out(tmp_path: Path, glue_dir: Path) -> None:
+    from fedtune.compare import cell_row
+    from fedtune.compare_report import format_results_table
+
+    base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=2, rounds=1, local_steps=1, batch_size=8, max_train_examples=64)
+    spec = GridSpec(base, (8.0,), ("iid",))
+    central, federated = spec.cells()
+    summary = {"metric": "accuracy", "final_accuracy": 0.6, "composed_epsilon": 7.9, "seconds": 3.0,
+               "clients": [{"epsilon": 7.8, "epsilon_certified": 7.9}],
+               "rounds": [{"round": 0, "accuracy": 0.5, "clients_trained": 0}, {"round": 1, "accuracy": 0.6, "clients_trained": 1}],
+               "rejected_updates": [{"round": 1, "node": 7, "reason": "OutOfMemoryError"}]}
+    bad = cell_row(federated, spec.config(federated, tmp_path / "f"), summary)
+    assert bad["status"] == "degraded" and "1 update(s) rejected" in bad["error"] and "round(s) 1" in bad["error"]
+    good = cell_row(central, spec.config(central, tmp_path / "c"),
+                    {**summary, "rejected_updates": [], "rounds": [summary["rounds"][0], {**summary["rounds"][1], "clients_trained": 1}]})
+    assert good["status"] == "ok" and good["examples_processed"] == 2 * 8
+    table = format_results_table([good, bad])
+    assert "| centralized | 8 |" in table and "| federated iid |" not in table
+    assert "DEGRADED (left out of the table and plots): federated-iid-eps8-seed0" in table
