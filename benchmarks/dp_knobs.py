@@ -45,6 +45,8 @@ def parse_knobs(text: str) -> dict[str, str]:
 
 def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     name = "_".join(f"{k}{v}" for k, v in knobs.items()).replace(",", "+") or "defaults"
+    if args.federated:
+        name = f"federated{args.clients}-{args.partition.replace(':', '')}_{name}"
     out = work / name
     summary_path = out / "summary.json"
     cmd = [sys.executable, "-m", "fedtune.cli", "simulate" if args.federated else "centralized", "--task", args.task,
