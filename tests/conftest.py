@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,15 @@ def glue_dir() -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture
+def flower_task_identity() -> Iterator[None]:
+    """Give Flower's ``TaskIdentity`` a run, task and node id, so tests can build Messages outside an app
+    (restored afterwards)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

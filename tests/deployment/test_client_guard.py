@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +67,8 @@ def test_deployment_keys_are_split_from_the_run_config() -> None:
 
 # -- the deployed ClientApp on a real shard ------------------------------------------------------
 @pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def _task_identity(flower_task_identity: None) -> None:
+    """Messages built here need Flower's task identity (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,11 +17,8 @@ from fedtune.server.validation import InvalidUpdate, validate_update
 
 
 @pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def _task_identity(flower_task_identity: None) -> None:
+    """Messages built here need Flower's task identity (see tests/conftest.py)."""
 
 
 REFERENCE = ArrayRecord({"lora_A": Array(np.zeros((2, 3), dtype=np.float32)), "head": Array(np.zeros(4, dtype=np.float32))})
