@@ -44,7 +44,7 @@ def _finite_or_inf(value: Any) -> float:
 
 def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, error: str | None = None) -> dict[str, Any]:
     """One ``results.csv`` row for a cell from its ``summary.json`` (or its error)."""
-    from fedtune.workload import get_workload
+    from fedtune.standalone import local_plan
 
     row: dict[str, Any] = {
         "cell": cell.name, "seed": cell.seed, "setting": cell.setting, "partition": cell.partition, "clients": config.clients,
@@ -55,8 +55,10 @@ def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, e
     metric = summary.get("metric", "accuracy")
     clients = summary.get("clients", [])
     rounds_done = max(int(r["round"]) for r in summary["rounds"])
-    workload = get_workload(config)
-    expected = sum(workload.steps_per_round(k) * workload.batch_size(k) for k in range(len(workload.shards))) * rounds_done
+    # expected examples = steps x expected batch min(B, N_k), per client: the ledger's steps for a
+    # private run, the planned steps per round x rounds for a non-private one (no ledger)
+    expected = sum((int(c["steps"]) or local_plan(config, int(c["examples"]))[1] * rounds_done) * min(config.batch_size, int(c["examples"]))
+                   for c in clients)
     row.update({
         "epsilon_certified": _finite_or_inf(summary.get("composed_epsilon")),
         "epsilon_estimate": max((_finite_or_inf(c.get("epsilon")) for c in clients), default=math.inf),

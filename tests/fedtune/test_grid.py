@@ -131,7 +131,7 @@ def test_a_cell_with_rejected_updates_is_degraded_and_left_out(tmp_path: Path, g
     spec = GridSpec(base, (8.0,), ("iid",))
     central, federated = spec.cells()
     summary = {"metric": "accuracy", "final_accuracy": 0.6, "composed_epsilon": 7.9, "seconds": 3.0,
-               "clients": [{"epsilon": 7.8, "epsilon_certified": 7.9}],
+               "clients": [{"epsilon": 7.8, "epsilon_certified": 7.9, "examples": 64, "steps": 2}],
                "rounds": [{"round": 0, "accuracy": 0.5, "clients_trained": 0}, {"round": 1, "accuracy": 0.6, "clients_trained": 1}],
                "rejected_updates": [{"round": 1, "node": 7, "reason": "OutOfMemoryError"}]}
     bad = cell_row(federated, spec.config(federated, tmp_path / "f"), summary)
