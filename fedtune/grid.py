@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -204,10 +204,3 @@ class GridSpec:
             centralized=bool(data.get("centralized", True)),
         )
 
-
-def cells_by_label(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
-    """Cells grouped by plot line, in first-seen order."""
-    groups: dict[str, list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault(cell.label, []).append(cell)
-    return groups
