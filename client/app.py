@@ -64,26 +64,44 @@ class ClientJob:
 
     client_id: str
     guard: ClientPrivacy
-    shard: Any
+    shard: Any  # a PackedDataset (fedtune.batching), built once per process
     sampling_rate: float
     steps: int
-    new_model: Callable[[], Any]
+    new_model: Callable[[], Any]  # the model to train in place (the global weights are loaded into it first)
     collator: Any
     seed_index: int
     noise_multiplier: float | None = None
 
 
+def _use_threads(cpus: float) -> None:
+    """Give torch as many threads as Ray gave this client CPUs (Ray sets OMP_NUM_THREADS for its
+    actors, but a torch already initialised in the process keeps its own count)."""
+    import torch
+
+    try:
+        import ray
+
+        if not (ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None):
+            return  # not a Ray actor: leave the host process's setting alone
+    except (ImportError, RuntimeError, AttributeError):  # pragma: no cover
+        return
+    threads = max(1, int(cpus))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def train_round(message: Message, config: RunConfig, partition_id: int, state_dir: Path | None = None) -> Message:
     """Handle one ``train`` message for simulated client ``partition_id`` (the body of the ClientApp)."""
     client_id = str(partition_id)
+    _use_threads(config.cpus_per_client)
     workload = get_workload(config)
     job = ClientJob(
         client_id=client_id,
         guard=ClientPrivacy(client_id, state_dir or client_state_dir(config, client_id), config.epsilon, config.delta, config.accountant),
-        shard=workload.train_set(partition_id),
+        shard=workload.packed_train_set(partition_id),
         sampling_rate=workload.sampling_rate(partition_id),
         steps=workload.steps_per_round(partition_id),
-        new_model=workload.new_model,
+        new_model=workload.work_model,
         collator=workload.collator,
         seed_index=partition_id,
     )
@@ -93,6 +111,7 @@ def train_round(message: Message, config: RunConfig, partition_id: int, state_di
 def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     """Train one round for ``job``: privacy plan, refusal or re-send, DP-SGD, record, reply."""
     from fedtune.model import pick_device, set_trainable_state
+    from fedtune.progress import TrainingProgress
     from fedtune.train import TrainConfig, train_local
 
     server_round = int(message.content["config"]["server-round"])
@@ -101,6 +120,8 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     q, steps = job.sampling_rate, job.steps
     base = {"client-id": client_id, "examples": examples, "sampling-rate": q, "steps": steps, "dp": guard.private}
     sigma: float | None = None
+    epsilon_before: float | None = None
+    epsilon_after: float | None = None
     if guard.private:
         paid = guard.paid_event(server_round)
         if paid is not None:
@@ -128,6 +149,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         if not verdict.allowed:
             log.info("client %s refuses round %d: %s", client_id, server_round, verdict.reason)
             return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": verdict.reason, "noise-multiplier": sigma}, {"num-examples": examples})
+        epsilon_before, epsilon_after = guard.ledger.certified_epsilon(client_id), verdict.epsilon_after
     model = job.new_model()
     try:
         set_trainable_state(model, to_state(message.content["arrays"]))
@@ -138,8 +160,12 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     train_config = TrainConfig(
         batch_size=min(config.batch_size, examples), steps=steps, learning_rate=config.learning_rate,
         max_grad_norm=config.max_grad_norm, noise_multiplier=sigma, seed=config.seed * 100_003 + server_round * 1009 + job.seed_index,
+        physical_batch_size=config.physical_batch_size, precision=config.precision,  # type: ignore[arg-type]
+        log_every=max(1, steps // 100),
     )
-    result = train_local(model, job.shard, job.collator, train_config, pick_device())
+    with TrainingProgress(f"client {client_id} round {server_round}", steps,
+                          epsilon_before=epsilon_before, epsilon_after=epsilon_after) as progress:
+        result = train_local(model, job.shard, job.collator, train_config, pick_device(), progress=progress, in_place=True)
     update = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
     privacy = {**base, "status": STATUS_OK, "noise-multiplier": sigma if sigma is not None else 0.0}
     if guard.private:
@@ -147,9 +173,11 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         guard.record(server_round, event, examples, update)
         privacy.update({"sampling-rate": event.sampling_rate, "steps": event.steps,
                         "epsilon": guard.ledger.epsilon(client_id), "epsilon-certified": guard.ledger.certified_epsilon(client_id)})
-    metrics = {"num-examples": examples, "train-loss": float(result.mean_loss), "seconds": float(result.seconds)}
-    if not math.isfinite(metrics["train-loss"]):
-        metrics["train-loss"] = -1.0
+    metrics = {"num-examples": examples, "train-loss": float(result.mean_loss), "seconds": float(result.seconds),
+               "examples-per-second": float(result.examples_per_second), "padding-efficiency": float(result.padding_efficiency)}
+    for key in ("train-loss", "examples-per-second", "padding-efficiency"):
+        if not math.isfinite(metrics[key]):
+            metrics[key] = -1.0  # every batch was empty: nothing to measure
     return _reply(message, update, privacy, metrics)
 
 

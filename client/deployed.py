@@ -69,7 +69,9 @@ def _refusal(message: Message, settings: NodeSettings, examples: int, reason: st
 
 @lru_cache(maxsize=2)
 def _local_data(data_path: str, config: RunConfig) -> tuple[Any, Any, Any]:
-    """Tokenized shard, model template and collator (built once per ClientApp process)."""
+    """Packed shard, training model and collator (built once per ClientApp process; the model is
+    trained in place each round after the global weights are loaded into it)."""
+    from fedtune.batching import pack_dataset
     from fedtune.data import get_task_spec, make_collator, tokenize_dataset
     from fedtune.data.shards import read_shard
     from fedtune.standalone import build_template
@@ -77,19 +79,17 @@ def _local_data(data_path: str, config: RunConfig) -> tuple[Any, Any, Any]:
     spec = get_task_spec(config.task)
     template, tokenizer = build_template(config, spec.num_labels)
     shard = tokenize_dataset(read_shard(data_path, spec), tokenizer, spec, config.max_length)
-    return shard, template, make_collator(tokenizer)
+    return pack_dataset(shard, tokenizer), template, make_collator(tokenizer)
 
 
 def _model_key(config: RunConfig) -> RunConfig:
     # settings that do not change the data or the model share one cache entry
     return config.replace(rounds=1, epsilon=float("inf"), out="", learning_rate=1.0, max_grad_norm=1.0, local_steps=None,
                           local_epochs=1.0, batch_size=1, clients=1, accountant="saddlepoint", data_dir=None,
-                          max_train_examples=None, max_eval_examples=None)
+                          max_train_examples=None, max_eval_examples=None, physical_batch_size=None, precision="fp32")
 
 
 def _job(config: RunConfig, settings: NodeSettings, shard: ShardInfo, noise_multiplier: float | None) -> ClientJob:
-    import copy
-
     from fedtune.standalone import local_plan
 
     tokenized, template, collator = _local_data(str(settings.data_path), _model_key(config))
@@ -97,7 +97,7 @@ def _job(config: RunConfig, settings: NodeSettings, shard: ShardInfo, noise_mult
     return ClientJob(
         client_id=settings.client_id,
         guard=ClientPrivacy(settings.client_id, settings.state_dir, settings.epsilon, settings.delta, settings.accountant),
-        shard=tokenized, sampling_rate=q, steps=steps, new_model=lambda: copy.deepcopy(template), collator=collator,
+        shard=tokenized, sampling_rate=q, steps=steps, new_model=lambda: template, collator=collator,
         seed_index=shard.index or 0, noise_multiplier=noise_multiplier,
     )
 

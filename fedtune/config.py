@@ -66,7 +66,14 @@ class RunConfig:
     local_steps : int or None
         Optimizer steps per round.
     batch_size : int
-        Expected (Poisson) batch size B; q = B / shard size.
+        Expected (Poisson) logical batch size B; q = B / shard size. Privacy is defined on it.
+    physical_batch_size : int or None
+        Most examples per micro-batch through the model (memory and speed only; the logical
+        batch, the noise and the accounting are unchanged). None = chosen from the model, the
+        data and the device (:func:`fedtune.batching.auto_physical_batch_size`).
+    precision : str
+        ``fp32``, or ``bf16`` autocast where the hardware supports it (CPUs with AVX512-BF16 or
+        AMX, recent GPUs); clipping and noise stay in float32.
     max_grad_norm : float
         Per-example clipping norm C.
     learning_rate : float
@@ -101,6 +108,8 @@ class RunConfig:
     local_epochs: float = 1.0
     local_steps: int | None = None
     batch_size: int = 32
+    physical_batch_size: int | None = None
+    precision: str = "fp32"
     max_grad_norm: float = 1.0
     learning_rate: float = 2e-3
     lora_rank: int = 8
@@ -133,6 +142,10 @@ class RunConfig:
         if self.local_steps is not None:
             _positive_int("local_steps", self.local_steps)
         _positive_int("batch_size", self.batch_size)
+        if self.physical_batch_size is not None:
+            _positive_int("physical_batch_size", self.physical_batch_size)
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be one of fp32, bf16, got {self.precision!r}")
         _positive_float("max_grad_norm", self.max_grad_norm)
         _positive_float("learning_rate", self.learning_rate)
         _positive_int("lora_rank", self.lora_rank)
@@ -195,7 +208,7 @@ class RunConfig:
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_flower` (``""`` becomes None for optional settings)."""
-        optional = {"model", "data_dir", "local_steps", "max_train_examples", "max_eval_examples", "ray_address"}
+        optional = {"model", "data_dir", "local_steps", "max_train_examples", "max_eval_examples", "ray_address", "physical_batch_size"}
         data: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")

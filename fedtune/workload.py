@@ -32,6 +32,8 @@ class Workload:
     collator: Any
     _template: Any = field(repr=False)
     _tokenized: dict[int, Any] = field(default_factory=dict, repr=False)
+    _packed: dict[int, Any] = field(default_factory=dict, repr=False)
+    _work_model: Any = field(default=None, repr=False)
     _eval: Any = field(default=None, repr=False)
 
     @classmethod
@@ -58,6 +60,24 @@ class Workload:
     def new_model(self) -> Any:
         """A fresh copy of the peft model (adapter and head at their seeded initial values)."""
         return copy.deepcopy(self._template)
+
+    def work_model(self) -> Any:
+        """This process's one training model (a copy of the template, made on first use).
+
+        A client loads the global weights into it and trains it in place each round, so a Ray
+        actor that serves many rounds and clients allocates one model, not one per round.
+        """
+        if self._work_model is None:
+            self._work_model = copy.deepcopy(self._template)
+        return self._work_model
+
+    def packed_train_set(self, partition_id: int) -> Any:
+        """Tokenized shard of client ``partition_id`` padded once into tensors (:func:`fedtune.batching.pack_dataset`)."""
+        from fedtune.batching import pack_dataset
+
+        if partition_id not in self._packed:
+            self._packed[partition_id] = pack_dataset(self.train_set(partition_id), self.tokenizer)
+        return self._packed[partition_id]
 
     def train_set(self, partition_id: int) -> Any:
         """Tokenized shard of client ``partition_id``."""
@@ -96,7 +116,8 @@ class Workload:
 
 def _data_key(config: RunConfig) -> RunConfig:
     # settings that do not change data or model share one workload
-    return config.replace(rounds=1, epsilon=math.inf, out="", learning_rate=1.0, max_grad_norm=1.0, local_steps=None, local_epochs=1.0, accountant="saddlepoint", cpus_per_client=1.0, gpus_per_client=0.0, ray_address=None)
+    return config.replace(rounds=1, epsilon=math.inf, out="", learning_rate=1.0, max_grad_norm=1.0, local_steps=None, local_epochs=1.0, accountant="saddlepoint", cpus_per_client=1.0, gpus_per_client=0.0, ray_address=None,
+                          physical_batch_size=None, precision="fp32")
 
 
 @lru_cache(maxsize=4)

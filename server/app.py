@@ -78,6 +78,9 @@ def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, workload:
         row = {"round": result.round, metric: result.eval_metrics[metric], **{k: v for k, v in result.eval_metrics.items() if k != metric},
                "epsilon_certified": composed(), "clients_trained": result.clients_trained, "clients_rejected": result.clients_rejected,
                "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received, "seconds": result.seconds}
+        for key in ("train-loss", "padding-efficiency", "examples-per-second"):  # client means, weighted by examples
+            if key in result.train_metrics:
+                row[key.replace("-", "_")] = float(result.train_metrics[key])
         if metric != "accuracy" and "accuracy" not in row:
             row["accuracy"] = row[metric]
         rounds.append(row)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 9092
 
 _RUN_KEYS = ("task", "model", "data_dir", "clients", "rounds", "epsilon", "delta", "local_epochs", "local_steps", "batch_size",
+             "physical_batch_size", "precision",
              "max_grad_norm", "learning_rate", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "max_eval_examples",
              "max_length", "seed", "accountant", "out")
 
@@ -61,6 +62,9 @@ def add_server_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
     run.add_argument("--local-epochs", type=float, default=1.0, help="local epochs per round (default 1)")
     run.add_argument("--local-steps", type=int, default=None, help="local optimizer steps per round (overrides --local-epochs)")
     run.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="expected (Poisson) batch size (default 32)")
+    run.add_argument("--physical-batch-size", type=int, default=None,
+                     help="most examples per micro-batch on the clients (memory and speed only; default: chosen from model and device)")
+    run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast where the hardware has it (default fp32)")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C (default 1.0)")
     run.add_argument("--learning-rate", "--lr", type=float, default=d["learning_rate"].default, help="learning rate (default 0.002)")
     run.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -113,6 +114,7 @@ class LedgerStrategy(Strategy):
                 # a conflicting event for a recorded (client, round), e.g. two nodes claiming one id, is refused here
                 self.ledger.record(client, server_round, event, int(privacy["examples"]))
                 self.last_event[client] = event
+            _log_client_round(server_round, client, privacy, content.metric_records.get("metrics"))
         except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
             self._reject(server_round, node, f"client {client}: {err}")
             return False
@@ -137,3 +139,16 @@ class LedgerStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Delegate."""
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _log_client_round(server_round: int, client: str, privacy: Any, metrics: Any) -> None:
+    """One line per client per round: steps, speed, padding efficiency, time and its certified epsilon."""
+    m = dict(metrics) if metrics is not None else {}
+    epsilon = float(privacy.get("epsilon-certified", math.inf)) if privacy.get("dp", True) else math.inf
+    pad = float(m.get("padding-efficiency", -1.0))
+    log.info(
+        "round %d: client %s trained %s steps at q = %.4g, %.0f ex/s, padding efficiency %s, %.1f s, epsilon %s (certified)",
+        server_round, client, privacy.get("steps", "?"), float(privacy.get("sampling-rate", 0.0)),
+        float(m.get("examples-per-second", 0.0)), f"{pad:.0%}" if pad >= 0 else "n/a", float(m.get("seconds", 0.0)),
+        "inf (no DP)" if math.isinf(epsilon) else f"{epsilon:.4f}",
+    )

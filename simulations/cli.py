@@ -58,6 +58,12 @@ def add_run_options(parser: argparse.ArgumentParser, *, federated: bool, grid: b
     parser.add_argument("--local-epochs", type=float, default=d.local_epochs, help="local epochs per round (default 1)")
     parser.add_argument("--local-steps", type=int, default=None, help="local optimizer steps per round (overrides --local-epochs)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"expected (Poisson) batch size (default {d.batch_size})")
+    parser.add_argument("--physical-batch-size", type=int, default=None,
+                        help="most examples per micro-batch through the model: memory and speed only, the logical batch "
+                             "--batch-size defines privacy (default: chosen from the model, the data and the device)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
+                        help="fp32, or bf16 autocast where the hardware supports it (AVX512-BF16/AMX CPUs, recent GPUs); "
+                             "clipping and noise stay in fp32 (default fp32)")
     parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help=f"per-example clipping norm C (default {d.max_grad_norm})")
     parser.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate, help=f"learning rate (default {d.learning_rate})")
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
@@ -82,7 +88,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
         return RunConfig.from_dict({**stored, "out": args.resume})
     keys = {
         "task", "model", "data_dir", "clients", "partition", "alpha", "min_shard_size", "cpus_per_client", "gpus_per_client", "ray_address", "rounds",
-        "epsilon", "delta", "local_epochs", "local_steps", "batch_size", "max_grad_norm", "learning_rate", "lora_rank", "lora_alpha",
+        "epsilon", "delta", "local_epochs", "local_steps", "batch_size", "physical_batch_size", "precision", "max_grad_norm", "learning_rate", "lora_rank", "lora_alpha",
         "lora_dropout", "lora_targets", "max_train_examples", "max_eval_examples", "max_length", "seed", "accountant", "out",
     }
     values = {k: v for k, v in vars(args).items() if k in keys}
