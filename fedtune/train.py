@@ -67,7 +67,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedtune.batching import MicroBatch, PackedDataset, auto_physical_batch_size, pack_dataset
-from fedtune.model import get_trainable_state
+from fedtune.model import _unwrap, get_trainable_state
 
 __all__ = [
     "PRECISIONS",
@@ -679,13 +679,6 @@ def resolve_physical_batch_size(config: TrainConfig, model: nn.Module, data: Pac
         model_config, max(1, data.max_length), device, logical_batch_size=max(1, len(data)),
         element_bytes=2 if config.precision == "bf16" else 4,
     )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = model
-    while hasattr(inner, "_module"):
-        inner = inner._module
-    return inner
 
 
 def release_memory(collect: bool = True) -> None:
