@@ -18,6 +18,7 @@ needs noise added by the server (DP-FedAvg). Server events are kept separately
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -247,8 +248,9 @@ class PrivacyLedger:
         comp = self.composition(client_id)
         if comp is None:
             return 0.0
-        acc = certifier() if accountant == "certified" else get_accountant(accountant or self.accountant)
-        return acc.get_epsilon(comp, self.delta)
+        if accountant == "certified":
+            return _certified_epsilon(comp, self.delta)
+        return get_accountant(accountant or self.accountant).get_epsilon(comp, self.delta)
 
     def certified_epsilon(self, client_id: str) -> float:
         """A client's certified (``pld`` upper bound) epsilon."""
@@ -296,3 +298,10 @@ class PrivacyLedger:
                 "epsilon_certified": self.certified_epsilon(client),
             })
         return rows
+
+
+@functools.lru_cache(maxsize=512)
+def _certified_epsilon(composition: Composition, delta: float) -> float:
+    """The certified (``pld``) epsilon of a composition, memoised: a client asks for the same
+    composition at the end of one round and before the next, and each query costs ~1 s."""
+    return certifier().get_epsilon(composition, delta)
