@@ -79,8 +79,10 @@ from fedtune.privacy.accountants import (
     PRVAccountant,
     RDPAccountant,
     get_accountant,
-    saddlepoint as saddlepoint_module,
     to_dp_event,
+)
+from fedtune.privacy.accountants import (
+    saddlepoint as saddlepoint_module,
 )
 from fedtune.privacy.calibration import calibrate_noise, certifier, smallest_sigma
 from fedtune.privacy.events import SubsampledGaussianEvent
@@ -291,9 +293,7 @@ def _finish(status: str, value: Any, seconds: float) -> dict[str, Any]:
     return {"status": status, "epsilon": None, "error": str(value), "seconds": seconds}
 
 
-def query_reference(
-    name: str, cell: dict[str, Any], args: argparse.Namespace, cache: dict[str, Any]
-) -> dict[str, Any]:
+def query_reference(name: str, cell: dict[str, Any], args: argparse.Namespace, cache: dict[str, Any]) -> dict[str, Any]:
     """One reference-accountant query, served from the cache when possible."""
     key = cell_key(setting_tag(name, args.pld_discretization), cell)
     hit = cache.get(key)
@@ -349,7 +349,10 @@ def query_analytic(name: str, cell: dict[str, Any], repeats: int, budget: float)
     notes = sorted(set(handler.messages))
     if name == RAW and fallbacks:  # the bare expansion broke down: the number is pld's, not its own
         return _finish("error", "expansion breakdown: " + "; ".join(notes), cold) | {
-            "cold_seconds": cold, "fallback": True, "notes": notes}
+            "cold_seconds": cold,
+            "fallback": True,
+            "notes": notes,
+        }
     out = _finish("ok", eps, statistics.median(warm))
     return out | {"cold_seconds": cold, "fallback": bool(fallbacks), "notes": notes, "warm_repeats": len(warm)}
 
@@ -471,11 +474,16 @@ def summarize(rows: list[dict[str, Any]], accountants: Sequence[str]) -> list[di
                 "under_1pct": len(under),
                 "understated_cells": [
                     {k: r[k] for k in ("q", "sigma", "steps", "delta", "q_steps")}
-                    | {"epsilon": r["accountants"][name]["epsilon"], "pld": r["accountants"]["pld"]["epsilon"], "gap": r["accountants"][name]["gap"]}
+                    | {
+                        "epsilon": r["accountants"][name]["epsilon"],
+                        "pld": r["accountants"]["pld"]["epsilon"],
+                        "gap": r["accountants"][name]["gap"],
+                    }
                     for r in under
                 ],
                 "failed_cells": [
-                    {k: r[k] for k in ("q", "sigma", "steps", "delta")} | {"status": r["accountants"][name]["status"], "error": r["accountants"][name]["error"]}
+                    {k: r[k] for k in ("q", "sigma", "steps", "delta")}
+                    | {"status": r["accountants"][name]["status"], "error": r["accountants"][name]["error"]}
                     for r in fails
                 ],
                 "median_ms": med_ms,
@@ -484,8 +492,10 @@ def summarize(rows: list[dict[str, Any]], accountants: Sequence[str]) -> list[di
                 "cold_max_ms": cold_max,
                 "fallbacks": sum(1 for x in res if x.get("fallback")),
                 "fallback_cells": [
-                    {k: r[k] for k in ("q", "sigma", "steps", "delta", "q_steps")} | {"notes": r["accountants"][name].get("notes")}
-                    for r in with_ref if r["accountants"][name].get("fallback")
+                    {k: r[k] for k in ("q", "sigma", "steps", "delta", "q_steps")}
+                    | {"notes": r["accountants"][name].get("notes")}
+                    for r in with_ref
+                    if r["accountants"][name].get("fallback")
                 ],
                 "multiple_crossing_warnings": sum(
                     1 for x in res if any("crosses the target" in m for m in x.get("notes") or [])
@@ -577,35 +587,66 @@ def run_calibration(args: argparse.Namespace, cache: dict[str, Any], cache_path:
             block: list[dict[str, Any]] = []
             for name in [*(n for n in args.accountants if n != RAW), "fedtune-default"]:
                 base = f"calib[{code}]|eps={eps!r}|delta={delta!r}|q={q!r}|steps={steps}"
-                row: dict[str, Any] = {"setting": setting["setting"], "q": q, "steps": steps, "target_epsilon": eps, "delta": delta, "accountant": name}
+                row: dict[str, Any] = {
+                    "setting": setting["setting"],
+                    "q": q,
+                    "steps": steps,
+                    "target_epsilon": eps,
+                    "delta": delta,
+                    "accountant": name,
+                }
                 if name == "fedtune-default":
                     status, value, seconds, cached = _cached_isolated(
                         f"{base}|fedtune-default",
-                        cache, _default_calibration, (eps, delta, q, steps), args.calib_timeout,
+                        cache,
+                        _default_calibration,
+                        (eps, delta, q, steps),
+                        args.calib_timeout,
                     )
                     if status == "ok":
-                        row |= {"sigma": value["sigma"], "sigma_estimate": value["sigma_estimate"], "certifier_epsilon": value["certified_epsilon"]}
+                        row |= {
+                            "sigma": value["sigma"],
+                            "sigma_estimate": value["sigma_estimate"],
+                            "certifier_epsilon": value["certified_epsilon"],
+                        }
                 else:
                     status, value, seconds, cached = _cached_isolated(
                         f"{base}|{name}" + (f"[vdi={vdi!r}]" if name == "pld" else ""),
-                        cache, _sigma_for, (name, vdi, eps, delta, q, steps), args.calib_timeout,
+                        cache,
+                        _sigma_for,
+                        (name, vdi, eps, delta, q, steps),
+                        args.calib_timeout,
                     )
                     if status == "ok":
                         row |= value
-                row |= {"status": status, "error": None if status == "ok" else str(value), "seconds": seconds, "cached": cached}
+                row |= {
+                    "status": status,
+                    "error": None if status == "ok" else str(value),
+                    "seconds": seconds,
+                    "cached": cached,
+                }
                 if row.get("sigma") is not None:
                     c_status, c_value, _, _ = _cached_isolated(
                         f"certify|{setting_tag('pld', vdi)}|sigma={row['sigma']!r}|delta={delta!r}|q={q!r}|steps={steps}",
-                        cache, _certified_epsilon, (vdi, row["sigma"], delta, q, steps), args.timeout,
+                        cache,
+                        _certified_epsilon,
+                        (vdi, row["sigma"], delta, q, steps),
+                        args.timeout,
                     )
                     row["certified_epsilon"] = float(c_value) if c_status == "ok" else None
                     row["certify_error"] = None if c_status == "ok" else str(c_value)
-                    row["meets_target"] = row["certified_epsilon"] is not None and row["certified_epsilon"] <= eps * (1 + 1e-6)
+                    row["meets_target"] = row["certified_epsilon"] is not None and row["certified_epsilon"] <= eps * (
+                        1 + 1e-6
+                    )
                 save_cache(cache_path, cache, args.cache)
                 block.append(row)
                 print(
                     f"[calibration] {setting['setting']} eps={eps:g} {name}: "
-                    + (f"sigma={row['sigma']:.4f} pld eps={row.get('certified_epsilon')}" if row.get("sigma") else f"FAILED {row['error']}")
+                    + (
+                        f"sigma={row['sigma']:.4f} pld eps={row.get('certified_epsilon')}"
+                        if row.get("sigma")
+                        else f"FAILED {row['error']}"
+                    )
                     + f"{' (cached)' if cached else ''}  elapsed {time.perf_counter() - start:.1f}s",
                     file=sys.stderr,
                     flush=True,
@@ -649,7 +690,9 @@ def write_csv(path: Path, rows: list[dict[str, Any]], accountants: Sequence[str]
                 res = r["accountants"][name]
                 line[f"eps_{name}"] = "" if res["epsilon"] is None else repr(res["epsilon"])
                 line[f"gap_{name}"] = "" if res["gap"] is None else f"{res['gap']:.6g}"
-                line[f"ms_{name}"] = "" if res["seconds"] is None or not math.isfinite(res["seconds"]) else f"{1e3 * res['seconds']:.4g}"
+                line[f"ms_{name}"] = (
+                    "" if res["seconds"] is None or not math.isfinite(res["seconds"]) else f"{1e3 * res['seconds']:.4g}"
+                )
                 line[f"status_{name}"] = res["status"] if res["status"] == "ok" else f"{res['status']}: {res['error']}"
             writer.writerow(line)
 
@@ -690,25 +733,38 @@ def plot_gaps(path: Path, rows: list[dict[str, Any]], accountants: Sequence[str]
                 continue
             fallback = bool(r["accountants"][name].get("fallback"))
             any_fallback |= fallback
-            ax.plot(r["q_steps"] * jitter[r["q"]], g, marker=marker[r["delta"]], ls="none", alpha=0.85, ms=5,
-                    color=colour[r["sigma"]], mfc="none" if fallback else colour[r["sigma"]],
-                    mec=colour[r["sigma"]] if fallback else "k", mew=1.0 if fallback else 0.3)
+            ax.plot(
+                r["q_steps"] * jitter[r["q"]],
+                g,
+                marker=marker[r["delta"]],
+                ls="none",
+                alpha=0.85,
+                ms=5,
+                color=colour[r["sigma"]],
+                mfc="none" if fallback else colour[r["sigma"]],
+                mec=colour[r["sigma"]] if fallback else "k",
+                mew=1.0 if fallback else 0.3,
+            )
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=TOLERANCE, linscale=1.0)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{100 * y:+g}%" if y else "0"))
-        title = {RAW: f"{RAW}: bare expansion, domain checks off (diagnostic)",
-                 "saddlepoint": "saddlepoint as shipped (hollow: answered by pld fallback)"}.get(name, f"{name} ({kind_of(name)})")
+        title = {
+            RAW: f"{RAW}: bare expansion, domain checks off (diagnostic)",
+            "saddlepoint": "saddlepoint as shipped (hollow: answered by pld fallback)",
+        }.get(name, f"{name} ({kind_of(name)})")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("expected inclusions q · steps (points spread slightly by q)")
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("(ε − ε_pld) / ε_pld  (symlog; linear within ±1%)", fontsize=9)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     handles = [Line2D([], [], marker="o", color=colour[s], ls="none", label=f"σ = {s:g}") for s in sigmas]
     handles += [Line2D([], [], marker=marker[d], color="grey", ls="none", label=f"δ = {d:g}") for d in deltas]
-    handles += [Line2D([], [], color="tab:green", lw=6, alpha=0.3, label="±1% of pld"),
-                Line2D([], [], marker="x", color="tab:red", ls="none", label="failed (plotted at 0)")]
+    handles += [
+        Line2D([], [], color="tab:green", lw=6, alpha=0.3, label="±1% of pld"),
+        Line2D([], [], marker="x", color="tab:red", ls="none", label="failed (plotted at 0)"),
+    ]
     if any_fallback:
         handles.append(Line2D([], [], marker="o", color="grey", mfc="none", ls="none", label="pld fallback"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
@@ -737,8 +793,12 @@ def _git_state() -> str:
 
     root = Path(fedtune.privacy.__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "privacy"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "privacy"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + uncommitted changes in privacy/" if dirty else "")
@@ -761,9 +821,15 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
-def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: list[dict[str, Any]],
-                    by_sigma: list[dict[str, Any]], rows: list[dict[str, Any]], calibration: list[dict[str, Any]],
-                    accountants: Sequence[str]) -> str:
+def markdown_report(
+    meta: dict[str, Any],
+    summary: list[dict[str, Any]],
+    by_qt: list[dict[str, Any]],
+    by_sigma: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    calibration: list[dict[str, Any]],
+    accountants: Sequence[str],
+) -> str:
     """The markdown report."""
     g = meta["grid"]
     lines = [
@@ -797,7 +863,7 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
     lines += [
         "",
         f"Cells with a pld reference: {len(rows) - no_ref} of {len(rows)} (the others are listed under Failures and left "
-        "out of the statistics). \"within 1%\" counts failures as misses. rdp is a (looser) certified bound: its "
+        'out of the statistics). "within 1%" counts failures as misses. rdp is a (looser) certified bound: its '
         "overstatements are expected. prv reports Opacus' upper estimate (ε + eps_error, eps_error = 0.01 absolute), "
         "which dominates its relative gap at small ε. ms per query: warm median (analytic accountants) or single "
         "run (reference accountants, run in a worker; library import excluded).",
@@ -808,7 +874,7 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
             f"`saddlepoint` is the accountant as shipped: outside the expansion's domain (fewer than "
             f"{saddlepoint_module.MIN_TILTED_INCLUSIONS:g} expected tilted inclusions, a correction above "
             f"{saddlepoint_module.MAX_RELATIVE_CORRECTION:g} of the leading term, or a breakdown) it answers with the "
-            "certified pld value (\"pld fallbacks\"; those queries cost a PLD run). "
+            'certified pld value ("pld fallbacks"; those queries cost a PLD run). '
             f"`{RAW}` is a diagnostic: the same accountant with those domain checks disabled, i.e. the bare "
             "expansion (a breakdown is recorded as a failure), to show what the fallback guards against.",
             "",
@@ -817,10 +883,15 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
     lines += ["## Understatements of the certified ε by more than 1% (the dangerous direction)", ""]
     under = [(s["accountant"], c) for s in summary if s["accountant"] != "pld" for c in s["understated_cells"]]
     if under:
-        lines += ["| accountant | q | σ | steps | δ | q·steps | ε | ε_pld | gap |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| accountant | q | σ | steps | δ | q·steps | ε | ε_pld | gap |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, c in sorted(under, key=lambda x: (x[0], x[1]["gap"])):
-            lines.append(f"| {name} | {c['q']:g} | {c['sigma']:g} | {c['steps']} | {c['delta']:g} | {c['q_steps']:g} | "
-                         f"{c['epsilon']:.5g} | {c['pld']:.5g} | {_f(c['gap'], '.2f', pct=True)} |")
+            lines.append(
+                f"| {name} | {c['q']:g} | {c['sigma']:g} | {c['steps']} | {c['delta']:g} | {c['q_steps']:g} | "
+                f"{c['epsilon']:.5g} | {c['pld']:.5g} | {_f(c['gap'], '.2f', pct=True)} |"
+            )
     else:
         lines.append("None: no accountant understates the certified ε by more than 1% on any cell.")
     lines.append("")
@@ -830,35 +901,59 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
     if failed:
         lines += ["| accountant | q | σ | steps | δ | status | error |", "|---|---:|---:|---:|---:|---|---|"]
         for name, c in failed:
-            lines.append(f"| {name} | {c['q']:g} | {c['sigma']:g} | {c['steps']} | {c['delta']:g} | {c['status']} | {str(c['error'])[:160]} |")
+            lines.append(
+                f"| {name} | {c['q']:g} | {c['sigma']:g} | {c['steps']} | {c['delta']:g} | {c['status']} | {str(c['error'])[:160]} |"
+            )
     else:
         lines.append("None.")
     lines.append("")
 
     for title, table in (("expected inclusions q·steps", by_qt), ("σ", by_sigma)):
-        lines += [f"## Where the Edgeworth family misses 1%, by {title}", "",
-                  "| accountant | bucket | cells | within 1% | over > 1% | under > 1% | failed | max \\|gap\\| | min gap |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Where the Edgeworth family misses 1%, by {title}",
+            "",
+            "| accountant | bucket | cells | within 1% | over > 1% | under > 1% | failed | max \\|gap\\| | min gap |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for b in table:
-            lines.append(f"| {b['accountant']} | {b['bucket']} | {b['cells']} | {b['within_1pct']} | {b['over_1pct']} | "
-                         f"{b['under_1pct']} | {b['failed']} | {_f(b['max_abs_gap'], '.3g', pct=True)} | {_f(b['min_gap'], '.3g', pct=True)} |")
+            lines.append(
+                f"| {b['accountant']} | {b['bucket']} | {b['cells']} | {b['within_1pct']} | {b['over_1pct']} | "
+                f"{b['under_1pct']} | {b['failed']} | {_f(b['max_abs_gap'], '.3g', pct=True)} | {_f(b['min_gap'], '.3g', pct=True)} |"
+            )
         lines.append("")
 
     family = [n for n in ANALYTIC if n in accountants]
-    misses = [r for r in rows if r["accountants"].get("pld", {}).get("epsilon") is not None
-              and any(r["accountants"][n]["gap"] is None or abs(r["accountants"][n]["gap"]) > TOLERANCE for n in family)]
-    lines += [f"## Cells where an Edgeworth-family accountant misses 1% ({len(misses)} of {len(rows)})", "",
-              "<details><summary>table</summary>", "",
-              "| q | σ | steps | δ | q·steps | ε_pld | " + " | ".join(f"{n} gap" for n in family) + " |",
-              "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(family)]
+    misses = [
+        r
+        for r in rows
+        if r["accountants"].get("pld", {}).get("epsilon") is not None
+        and any(r["accountants"][n]["gap"] is None or abs(r["accountants"][n]["gap"]) > TOLERANCE for n in family)
+    ]
+    lines += [
+        f"## Cells where an Edgeworth-family accountant misses 1% ({len(misses)} of {len(rows)})",
+        "",
+        "<details><summary>table</summary>",
+        "",
+        "| q | σ | steps | δ | q·steps | ε_pld | " + " | ".join(f"{n} gap" for n in family) + " |",
+        "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(family),
+    ]
     for r in sorted(misses, key=lambda r: (r["q_steps"], r["sigma"], r["delta"])):
         cells = []
         for n in family:
             res = r["accountants"][n]
-            cells.append(res["status"] if res["gap"] is None else
-                         (f"**{_f(res['gap'], '.2f', pct=True)}**" if abs(res["gap"]) > TOLERANCE else _f(res["gap"], ".2f", pct=True)))
-        lines.append(f"| {r['q']:g} | {r['sigma']:g} | {r['steps']} | {r['delta']:g} | {r['q_steps']:g} | "
-                     f"{r['accountants']['pld']['epsilon']:.5g} | " + " | ".join(cells) + " |")
+            cells.append(
+                res["status"]
+                if res["gap"] is None
+                else (
+                    f"**{_f(res['gap'], '.2f', pct=True)}**"
+                    if abs(res["gap"]) > TOLERANCE
+                    else _f(res["gap"], ".2f", pct=True)
+                )
+            )
+        lines.append(
+            f"| {r['q']:g} | {r['sigma']:g} | {r['steps']} | {r['delta']:g} | {r['q_steps']:g} | "
+            f"{r['accountants']['pld']['epsilon']:.5g} | " + " | ".join(cells) + " |"
+        )
     lines += ["", "</details>", ""]
 
     if calibration:
@@ -867,7 +962,7 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
             lines.append(f"- **{setting['setting']}**: {setting['description']}.")
         lines += [
             f"- δ = {calibration[0]['delta']:g}. σ per accountant = smallest σ that accountant alone accepts "
-            f"(`smallest_sigma`); \"pld ε at σ\" is the certified ε there (pld, discretisation {meta['pld_discretization']:g}); "
+            f'(`smallest_sigma`); "pld ε at σ" is the certified ε there (pld, discretisation {meta["pld_discretization"]:g}); '
             "fedtune-default = `calibrate_noise` (saddlepoint, then σ raised until fedtune's certifier meets the target; "
             f"certifier: {meta['certifier']}). Noise saved vs rdp = 1 − σ/σ_rdp.",
             "",
@@ -881,8 +976,10 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
             if r.get("fallback_at_sigma"):
                 sigma += " (pld fallback)"
             meets = "" if r.get("certified_epsilon") is None else ("yes" if r["meets_target"] else "**NO**")
-            lines.append(f"| {r['setting']} | {r['target_epsilon']:g} | {r['accountant']} | {sigma} | "
-                         f"{_f(r.get('certified_epsilon'), '.4f')} | {meets} | {_f(r.get('noise_saved_vs_rdp'), '.2f', pct=True)} |")
+            lines.append(
+                f"| {r['setting']} | {r['target_epsilon']:g} | {r['accountant']} | {sigma} | "
+                f"{_f(r.get('certified_epsilon'), '.4f')} | {meets} | {_f(r.get('noise_saved_vs_rdp'), '.2f', pct=True)} |"
+            )
         lines.append("")
     if meta.get("plot"):
         lines += [f"![gap vs q·steps]({meta['plot']})", ""]
@@ -896,20 +993,37 @@ def markdown_report(meta: dict[str, Any], summary: list[dict[str, Any]], by_qt: 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small grid (8 cells) and one calibration target, for a smoke test")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small grid (8 cells) and one calibration target, for a smoke test"
+    )
     p.add_argument("--q", type=float, nargs="+", help=f"sampling rates (default {FULL_GRID['q']})")
     p.add_argument("--sigma", type=float, nargs="+", help=f"noise multipliers (default {FULL_GRID['sigma']})")
     p.add_argument("--steps", type=int, nargs="+", help=f"step counts (default {FULL_GRID['steps']})")
     p.add_argument("--delta", type=float, nargs="+", help=f"deltas (default {FULL_GRID['delta']})")
-    p.add_argument("--accountants", nargs="+", default=list(ALL_ACCOUNTANTS), choices=list(ALL_ACCOUNTANTS),
-                   help="accountants to run (pld is always added: it is the reference)")
+    p.add_argument(
+        "--accountants",
+        nargs="+",
+        default=list(ALL_ACCOUNTANTS),
+        choices=list(ALL_ACCOUNTANTS),
+        help="accountants to run (pld is always added: it is the reference)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="warm repetitions per analytic query (median reported)")
-    p.add_argument("--time-budget", type=float, default=1.0,
-                   help="stop warm repetitions of an analytic query once this many seconds are spent (pld fallbacks are slow)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=1.0,
+        help="stop warm repetitions of an analytic query once this many seconds are spent (pld fallbacks are slow)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per reference-accountant query")
-    p.add_argument("--pld-discretization", type=float, default=DEFAULT_PLD_DISCRETIZATION,
-                   help="value_discretization_interval of the pld reference (larger = faster, looser, still certified)")
+    p.add_argument(
+        "--pld-discretization",
+        type=float,
+        default=DEFAULT_PLD_DISCRETIZATION,
+        help="value_discretization_interval of the pld reference (larger = faster, looser, still certified)",
+    )
     p.add_argument("--calib-eps", type=float, nargs="+", help="calibration targets (default 1 3 8; --quick: 3)")
     p.add_argument("--calib-delta", type=float, default=1e-5, help="calibration delta")
     p.add_argument("--calib-timeout", type=float, default=900.0, help="seconds allowed per calibration search")
@@ -938,12 +1052,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = {ext: args.out_dir / f"{args.name}.{ext}" for ext in ("json", "csv", "md")}
     png = args.out_dir / f"{args.name}_gap.png"
     cache_path = args.out_dir / f"{args.name}_cache.json"
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/accountants.py", *(sys.argv[1:] if argv is None else argv)])
-    started = dt.datetime.now(dt.timezone.utc)
+    command = "python " + " ".join(
+        shlex.quote(a)
+        for a in [
+            os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/accountants.py",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
+    started = dt.datetime.now(dt.UTC)
     t0 = time.perf_counter()
     cache = load_cache(cache_path, args.cache)
-    print(f"{len(grid_cells(args.grid))} cells x {len(args.accountants)} accountants; cache {cache_path} ({len(cache)} entries)",
-          file=sys.stderr, flush=True)
+    print(
+        f"{len(grid_cells(args.grid))} cells x {len(args.accountants)} accountants; cache {cache_path} ({len(cache)} entries)",
+        file=sys.stderr,
+        flush=True,
+    )
 
     warm_up(args)
     rows = run_grid(args, cache, cache_path)
@@ -975,8 +1098,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = markdown_report(meta, summary, by_qt, by_sigma, rows, calibration, args.accountants)
     out["md"].write_text(report + "\n")
     write_csv(out["csv"], rows, args.accountants)
-    payload = {"meta": meta, "summary": summary, "misses_by_q_steps": by_qt, "misses_by_sigma": by_sigma,
-               "calibration": calibration, "calibration_settings": list(CALIBRATION_SETTINGS), "rows": rows}
+    payload = {
+        "meta": meta,
+        "summary": summary,
+        "misses_by_q_steps": by_qt,
+        "misses_by_sigma": by_sigma,
+        "calibration": calibration,
+        "calibration_settings": list(CALIBRATION_SETTINGS),
+        "rows": rows,
+    }
     out["json"].write_text(json.dumps(_json_safe(payload), indent=1, allow_nan=False))
     print(report)
     written = [*out.values(), *([png] if args.plot else []), *([cache_path] if args.cache else [])]

@@ -28,8 +28,17 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-KNOBS = {"batch": "--batch-size", "lr": "--learning-rate", "rank": "--lora-rank", "alpha": "--lora-alpha", "clip": "--max-grad-norm",
-         "rounds": "--rounds", "epochs": "--local-epochs", "targets": "--lora-targets", "eps": "--epsilon"}
+KNOBS = {
+    "batch": "--batch-size",
+    "lr": "--learning-rate",
+    "rank": "--lora-rank",
+    "alpha": "--lora-alpha",
+    "clip": "--max-grad-norm",
+    "rounds": "--rounds",
+    "epochs": "--local-epochs",
+    "targets": "--lora-targets",
+    "eps": "--epsilon",
+}
 
 
 def parse_knobs(text: str) -> dict[str, str]:
@@ -49,9 +58,26 @@ def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str
         name = f"federated{args.clients}-{args.partition.replace(':', '')}_{name}"
     out = work / name
     summary_path = out / "summary.json"
-    cmd = [sys.executable, "-m", "fedtune.cli", "simulate" if args.federated else "centralized", "--task", args.task,
-           "--epsilon", args.epsilon, "--delta", args.delta, "--rounds", str(args.rounds), "--seed", str(args.seed),
-           "--max-train-examples", str(args.max_train_examples), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtune.cli",
+        "simulate" if args.federated else "centralized",
+        "--task",
+        args.task,
+        "--epsilon",
+        args.epsilon,
+        "--delta",
+        args.delta,
+        "--rounds",
+        str(args.rounds),
+        "--seed",
+        str(args.seed),
+        "--max-train-examples",
+        str(args.max_train_examples),
+        "--out",
+        str(out),
+    ]
     if args.max_eval_examples:
         cmd += ["--max-eval-examples", str(args.max_eval_examples)]
     if args.data_dir:
@@ -63,7 +89,7 @@ def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str
     if not summary_path.exists():
         resume = (out / "checkpoint" / "state.json").exists()
         if resume:
-            cmd = [*cmd[:cmd.index("--out")], "--resume", str(out)]
+            cmd = [*cmd[: cmd.index("--out")], "--resume", str(out)]
         print(f"{name}: {' '.join(cmd[2:])}", flush=True)
         started = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -74,16 +100,26 @@ def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str
     summary = json.loads(summary_path.read_text())
     metric = summary["metric"]
     return {
-        "name": name, "eps": args.epsilon, **knobs, "metric": metric, "initial": summary["rounds"][0][metric], "final": summary["final_accuracy"],
-        "best": max(r[metric] for r in summary["rounds"]), "per_round": [round(r[metric], 4) for r in summary["rounds"]],
-        "epsilon_certified": summary["composed_epsilon"], "seconds": summary["seconds"], "status": "ok",
+        "name": name,
+        "eps": args.epsilon,
+        **knobs,
+        "metric": metric,
+        "initial": summary["rounds"][0][metric],
+        "final": summary["final_accuracy"],
+        "best": max(r[metric] for r in summary["rounds"]),
+        "per_round": [round(r[metric], 4) for r in summary["rounds"]],
+        "epsilon_certified": summary["composed_epsilon"],
+        "seconds": summary["seconds"],
+        "status": "ok",
         "command": "fedtune " + " ".join(c for c in cmd[3:]),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--knobs", nargs="+", required=True, help='one quoted setting per run, e.g. "batch=128 lr=5e-3 rank=1"')
+    p.add_argument(
+        "--knobs", nargs="+", required=True, help='one quoted setting per run, e.g. "batch=128 lr=5e-3 rank=1"'
+    )
     p.add_argument("--task", default="sst2")
     p.add_argument("--epsilon", default="8")
     p.add_argument("--delta", default="1e-5")
@@ -103,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run(k, args, work) for k in settings]
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    command = "python benchmarks/dp_knobs.py " + " ".join(f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    command = "python benchmarks/dp_knobs.py " + " ".join(
+        f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:])
+    )
     (results / f"{args.name}.json").write_text(json.dumps({"date": date, "command": command, "rows": rows}, indent=2))
     columns = ["name", *KNOBS, "metric", "initial", "final", "best", "epsilon_certified", "seconds", "status"]
     buffer = io.StringIO()
@@ -113,16 +151,31 @@ def main(argv: list[str] | None = None) -> int:
     writer.writerows(rows)
     (results / f"{args.name}.csv").write_text(buffer.getvalue())
     used = [k for k in KNOBS if any(k in r for r in rows) and (k != "eps" or any("eps" in s for s in settings))]
-    lines = [f"Date: {date}  ", f"Command: `{command}`", "",
-             "| " + " | ".join([*used, "metric per round", "final", "certified epsilon", "seconds"]) + " |",
-             "|" + "---|" * (len(used) + 4)]
+    lines = [
+        f"Date: {date}  ",
+        f"Command: `{command}`",
+        "",
+        "| " + " | ".join([*used, "metric per round", "final", "certified epsilon", "seconds"]) + " |",
+        "|" + "---|" * (len(used) + 4),
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append("| " + " | ".join([*(r.get(k, "") for k in used), r["status"], "", "", ""]) + " |")
             continue
         eps = r["epsilon_certified"]
-        lines.append("| " + " | ".join([*(r.get(k, "") for k in used), " → ".join(f"{v:.3f}" for v in r["per_round"]),
-                                         f"{r['final']:.4f}", eps if isinstance(eps, str) else f"{eps:.3f}", f"{r['seconds']:.0f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    *(r.get(k, "") for k in used),
+                    " → ".join(f"{v:.3f}" for v in r["per_round"]),
+                    f"{r['final']:.4f}",
+                    eps if isinstance(eps, str) else f"{eps:.3f}",
+                    f"{r['seconds']:.0f}",
+                ]
+            )
+            + " |"
+        )
     (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

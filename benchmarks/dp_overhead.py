@@ -60,11 +60,12 @@ def _load_sentences(glue_dir: Path, count: int, seed: int) -> list[str]:
     return [str(s) for s in frame["sentence"].iloc[rows]]
 
 
-def _batches(tokenizer: Any, sentences: list[str], batch_size: int, count: int,
-             max_length: int) -> list[dict[str, torch.Tensor]]:
+def _batches(
+    tokenizer: Any, sentences: list[str], batch_size: int, count: int, max_length: int
+) -> list[dict[str, torch.Tensor]]:
     out = []
     for i in range(count):
-        chunk = sentences[(i * batch_size) % len(sentences):][:batch_size]
+        chunk = sentences[(i * batch_size) % len(sentences) :][:batch_size]
         if len(chunk) < batch_size:
             chunk = (chunk + sentences)[:batch_size]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
@@ -73,8 +74,13 @@ def _batches(tokenizer: Any, sentences: list[str], batch_size: int, count: int,
     return out
 
 
-def _time_mode(private: bool, model_template: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-               warmup: int, config: TrainConfig) -> list[float]:
+def _time_mode(
+    private: bool,
+    model_template: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    warmup: int,
+    config: TrainConfig,
+) -> list[float]:
     import copy
 
     model = copy.deepcopy(model_template)
@@ -84,9 +90,14 @@ def _time_mode(private: bool, model_template: torch.nn.Module, batches: list[dic
     optimizer = make_optimizer(params, config)
     gsm = dp_opt = None
     if private:
-        gsm, dp_opt = attach_dp(model, optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                                expected_batch_size=batches[0]["input_ids"].shape[0],
-                                noise_generator=torch.Generator().manual_seed(0))
+        gsm, dp_opt = attach_dp(
+            model,
+            optimizer,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batches[0]["input_ids"].shape[0],
+            noise_generator=torch.Generator().manual_seed(0),
+        )
     times = []
     try:
         for i, batch in enumerate(batches):
@@ -125,9 +136,14 @@ def _paired_worker(args: argparse.Namespace) -> dict[str, Any]:
     plain_model.train()
     dp_model.train()
     plain_opt = make_optimizer([p for p in plain_model.parameters() if p.requires_grad], config)
-    gsm, dp_opt = attach_dp(dp_model, make_optimizer([p for p in dp_model.parameters() if p.requires_grad], config),
-                            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.worker_batch,
-                            noise_generator=torch.Generator().manual_seed(0))
+    gsm, dp_opt = attach_dp(
+        dp_model,
+        make_optimizer([p for p in dp_model.parameters() if p.requires_grad], config),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=args.worker_batch,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
 
     def timed(fn: Any) -> float:
         start = time.perf_counter()
@@ -168,10 +184,24 @@ def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
 def _run_worker(mode: str, batch_size: int, args: argparse.Namespace) -> dict[str, Any]:
     import subprocess
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode,
-           "--worker-batch", str(batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--memory-steps", str(args.memory_steps), "--max-length", str(args.max_length),
-           "--glue-dir", str(args.glue_dir)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        mode,
+        "--worker-batch",
+        str(batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--memory-steps",
+        str(args.memory_steps),
+        "--max-length",
+        str(args.max_length),
+        "--glue-dir",
+        str(args.glue_dir),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -185,9 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--glue-dir", type=Path,
-                        default=Path(os.environ.get("FEDTUNE_DATA_DIR",
-                                                    Path(__file__).resolve().parents[1].parent / "shared/data/glue")))
+    parser.add_argument(
+        "--glue-dir",
+        type=Path,
+        default=Path(
+            os.environ.get("FEDTUNE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/glue")
+        ),
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dp_overhead.json"))
     parser.add_argument("--memory-steps", type=int, default=5, help="steps per peak-RSS measurement")
     parser.add_argument("--worker", choices=["paired", "plain", "dp"], help=argparse.SUPPRESS)
@@ -221,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             "plain_times_s": plain_t,
             "dp_times_s": dp_t,
         }
-        logger.info("batch %d: plain %.3fs, DP %.3fs, ratio %.2f (paired %.2f)", batch_size,
-                    row["plain_median_s"], row["dp_median_s"], row["ratio"], row["median_paired_ratio"])
+        logger.info(
+            "batch %d: plain %.3fs, DP %.3fs, ratio %.2f (paired %.2f)",
+            batch_size,
+            row["plain_median_s"],
+            row["dp_median_s"],
+            row["ratio"],
+            row["median_paired_ratio"],
+        )
         rows.append(row)
 
     result = {

@@ -13,8 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtune.compare_report import format_results_table, plot_accuracy_vs_epsilon, plot_epsilon_spread, write_results_csv
 from fedtune.io import atomic_write_json, atomic_write_text, read_json
+from fedtune.simulations.compare_report import (
+    format_results_table,
+    plot_accuracy_vs_epsilon,
+    plot_epsilon_spread,
+    write_results_csv,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ For each number of clients ``K`` (``--clients 2 4``) and ``--repeats`` times, tw
 :class:`fedtune.config.RunConfig` (same data, shards, steps, seeds and DP calibration), each in a fresh
 Python process so that no cache (data, tokenizer, model) is shared between them:
 
-* **sim**: ``fedtune.simulation.simulate(config)``: Flower's ``run_simulation`` on a local Ray
+* **sim**: ``fedtune.simulations.simulate.simulate(config)``: Flower's ``run_simulation`` on a local Ray
   cluster started for the run (one ``ClientAppActor`` per ``--cpus-per-client`` CPUs), shut down at
   the end.
 * **seq**: the same federation without Ray or Flower's simulation runtime: ``prepare(config)`` then
@@ -74,6 +74,7 @@ DEFAULT_DATA = os.environ.get("FEDTUNE_DATA_DIR") or "/work/shared/data/glue"
 # measured process (``--_worker sim|seq``)
 # ================================================================================================
 
+
 class _Events:
     """Timestamped events of the measured process (epoch seconds, so the parent can line them up)."""
 
@@ -121,8 +122,13 @@ def _make_sequential_grid(config: Any, events: _Events, probe: dict[str, Any]) -
     client_app = make_client_app(config)
     node_ids = {10_000 + i: i for i in range(config.clients)}  # node id -> partition id
     contexts = {
-        node: Context(run_id=1, node_id=node, node_config={"partition-id": pid, "num-partitions": config.clients},
-                      state=RecordDict(), run_config={})
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={"partition-id": pid, "num-partitions": config.clients},
+            state=RecordDict(),
+            run_config={},
+        )
         for node, pid in node_ids.items()
     }
 
@@ -137,7 +143,9 @@ def _make_sequential_grid(config: Any, events: _Events, probe: dict[str, Any]) -
         def run(self) -> Any:
             return self._run
 
-        def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Any:
+        def create_message(
+            self, content: Any, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+        ) -> Any:
             return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
         def get_node_ids(self) -> list[int]:
@@ -159,7 +167,10 @@ def _make_sequential_grid(config: Any, events: _Events, probe: dict[str, Any]) -
                 except Exception as ex:  # same contract as Flower's simulation worker
                     from flwr.common.constant import ErrorCode
 
-                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"), reply_to=message)
+                    reply = Message(
+                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"),
+                        reply_to=message,
+                    )
                 reply.metadata.__dict__["_message_id"] = str(uuid4())
                 if "message" not in probe:
                     probe["message"], probe["reply"] = message, reply
@@ -205,10 +216,10 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
     import transformers  # noqa: F401
 
     import fedtune.client.app  # noqa: F401
-    import fedtune.workload
     import fedtune.evaluate
     import fedtune.server.app as server_app
-    import fedtune.simulation as simulation
+    import fedtune.simulations.simulate as simulation
+    import fedtune.workload
     from fedtune.config import RunConfig
     from fedtune.server.strategy import LedgerStrategy
 
@@ -227,9 +238,17 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
                 continue
             metrics = dict(m.content["metrics"]) if "metrics" in m.content else {}
             privacy = dict(m.content["privacy"]) if "privacy" in m.content else {}
-            replies.append({"round": server_round, "client": privacy.get("client-id"), "train_seconds": metrics.get("seconds"),
-                            "train_loss": metrics.get("train-loss"), "sigma": privacy.get("noise-multiplier"),
-                            "steps": privacy.get("steps"), "q": privacy.get("sampling-rate")})
+            replies.append(
+                {
+                    "round": server_round,
+                    "client": privacy.get("client-id"),
+                    "train_seconds": metrics.get("seconds"),
+                    "train_loss": metrics.get("train-loss"),
+                    "sigma": privacy.get("noise-multiplier"),
+                    "steps": privacy.get("steps"),
+                    "q": privacy.get("sampling-rate"),
+                }
+            )
 
     # instrumentation (this process only)
     _wrap(simulation, "prepare", events, "prepare")
@@ -288,12 +307,19 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
         "t_end": t1,
         "events": events.items,
         "replies": replies,
-        "summary": None if summary is None else {
+        "summary": None
+        if summary is None
+        else {
             "final_accuracy": summary.get("final_accuracy"),
             "composed_epsilon": summary.get("composed_epsilon"),
             "seconds": summary.get("seconds"),
-            "rounds": [{k: r.get(k) for k in ("round", "accuracy", "seconds", "clients_trained", "bytes_sent", "bytes_received")}
-                       for r in summary.get("rounds", [])],
+            "rounds": [
+                {
+                    k: r.get(k)
+                    for k in ("round", "accuracy", "seconds", "clients_trained", "bytes_sent", "bytes_received")
+                }
+                for r in summary.get("rounds", [])
+            ],
             "bytes_per_round": summary.get("bytes_per_round"),
             "rejected_updates": summary.get("rejected_updates"),
         },
@@ -310,6 +336,7 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
 # ================================================================================================
 # parent: scheduling, memory sampling, clean-up checks, report
 # ================================================================================================
+
 
 class TreeSampler(threading.Thread):
     """Polls a process and its descendants; keeps per-process peak RSS and a few facts."""
@@ -354,8 +381,15 @@ class TreeSampler(threading.Thread):
                 continue
             info = self.procs.get(proc.pid)
             if info is None or info["create_time"] != created:
-                info = self.procs[proc.pid] = {"pid": proc.pid, "create_time": created, "first_seen": now, "peak_rss": 0,
-                                               "kind": "other", "cmd": cmd[:120], "max_threads": 0}
+                info = self.procs[proc.pid] = {
+                    "pid": proc.pid,
+                    "create_time": created,
+                    "first_seen": now,
+                    "peak_rss": 0,
+                    "kind": "other",
+                    "cmd": cmd[:120],
+                    "max_threads": 0,
+                }
             if proc.pid == self.root_pid:
                 info["kind"] = "driver"
             elif "ClientAppActor" in cmd:
@@ -409,20 +443,38 @@ def wait_for_load(max_load: float, poll: float, timeout: float) -> dict[str, Any
     start = time.time()
     load = os.getloadavg()[0]
     while max_load > 0 and load >= max_load and time.time() - start < timeout:
-        print(f"  load average {load:.2f} >= {max_load}; waiting ({time.time() - start:.0f}/{timeout:.0f} s)", flush=True)
+        print(
+            f"  load average {load:.2f} >= {max_load}; waiting ({time.time() - start:.0f}/{timeout:.0f} s)", flush=True
+        )
         time.sleep(poll)
         load = os.getloadavg()[0]
-    return {"load_1min": load, "load_all": list(os.getloadavg()), "waited_s": time.time() - start,
-            "below_max": max_load <= 0 or load < max_load}
+    return {
+        "load_1min": load,
+        "load_all": list(os.getloadavg()),
+        "waited_s": time.time() - start,
+        "below_max": max_load <= 0 or load < max_load,
+    }
 
 
-def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch: Path, tag: str, first: bool, threads: int = 0) -> dict[str, Any]:
+def run_one(
+    mode: str, config: dict[str, Any], args: argparse.Namespace, scratch: Path, tag: str, first: bool, threads: int = 0
+) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=scratch))
     cfg = dict(config, out=str(run_dir / "out"))
     result_path = run_dir / "result.json"
     log_path = run_dir / "log.txt"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", mode, "--_config", json.dumps(cfg), "--_result", str(result_path),
-           "--_threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_worker",
+        mode,
+        "--_config",
+        json.dumps(cfg),
+        "--_result",
+        str(result_path),
+        "--_threads",
+        str(threads),
+    ]
     load = wait_for_load(args.max_load, args.load_poll, args.load_timeout if first else args.load_timeout_between)
     label = mode if not threads else f"{mode} ({threads} thread(s))"
     print(f"[{tag}] {label}: start (load {load['load_1min']:.2f})", flush=True)
@@ -440,8 +492,15 @@ def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch
         time.sleep(args.leftover_wait)
     leftovers_later = sampler.leftovers() if leftovers_now else []
     load_end = list(os.getloadavg())
-    result: dict[str, Any] = {"mode": mode, "tag": tag, "returncode": rc, "process_seconds": t_exit - t_launch, "t_launch": t_launch,
-                              "load_before": load, "load_after": load_end}
+    result: dict[str, Any] = {
+        "mode": mode,
+        "tag": tag,
+        "returncode": rc,
+        "process_seconds": t_exit - t_launch,
+        "t_launch": t_launch,
+        "load_before": load,
+        "load_after": load_end,
+    }
     if result_path.exists():
         result.update(json.loads(result_path.read_text()))
     if rc != 0 or result.get("error"):
@@ -452,7 +511,7 @@ def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch
     actors = [p for p in procs if p["kind"] == "actor"]
     driver = [p for p in procs if p["kind"] == "driver"]
     others = [p for p in procs if p["kind"] == "other"]
-    mb = 1024.0 ** 2
+    mb = 1024.0**2
     result["memory"] = {
         "samples": sampler.samples,
         "driver_peak_rss_mb": driver[0]["peak_rss"] / mb if driver else None,
@@ -476,8 +535,11 @@ def run_one(mode: str, config: dict[str, Any], args: argparse.Namespace, scratch
     shutil.rmtree(run_dir, ignore_errors=True)
     result["temp_removed"] = not run_dir.exists()
     summ = result.get("summary") or {}
-    print(f"[{tag}] {label}: {result.get('seconds', float('nan')):.1f} s, accuracy {summ.get('final_accuracy')}, "
-          f"leftover processes {len(leftovers_later) if leftovers_now else 0}", flush=True)
+    print(
+        f"[{tag}] {label}: {result.get('seconds', float('nan')):.1f} s, accuracy {summ.get('final_accuracy')}, "
+        f"leftover processes {len(leftovers_later) if leftovers_now else 0}",
+        flush=True,
+    )
     return result
 
 
@@ -519,7 +581,9 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "total": result.get("seconds"),
         "prepare": (_first(ev, "prepare:end") or t0) - t0,
-        "before_rounds": (rr_start - t0) if rr_start else None,          # prepare + server set-up + round-0 eval (+ Ray start, concurrently)
+        "before_rounds": (rr_start - t0)
+        if rr_start
+        else None,  # prepare + server set-up + round-0 eval (+ Ray start, concurrently)
         "rounds_total": (rr_end - rr_start) if rr_start and rr_end else None,
         "round_seconds": [r.get("seconds") for r in rounds],
         "client_phase": _spans(ev, "send_and_receive"),
@@ -527,7 +591,7 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
         "calibrate": _spans(ev, "calibrate"),
         "tokenize": _spans(ev, "tokenize"),
         "workload_build": _spans(ev, "workload_build"),
-        "after_rounds": (t1 - rr_end) if rr_end else None,                # adapter, plot, summary, Ray shutdown
+        "after_rounds": (t1 - rr_end) if rr_end else None,  # adapter, plot, summary, Ray shutdown
         "server_outputs": (rs_end - rr_end) if rs_end and rr_end else None,
         "after_server": (t1 - rs_end) if rs_end else None,
     }
@@ -573,7 +637,7 @@ def build_report(data: dict[str, Any]) -> str:
         f"Settings: {data['settings_text']}",
         "",
         "`seq` = `prepare` + `run_server` on an in-process Grid that calls the unchanged fedtune ClientApp for each "
-        "client in turn; `sim` = `fedtune.simulation.simulate`. Each run in a fresh process; times exclude interpreter "
+        "client in turn; `sim` = `fedtune.simulations.simulate.simulate`. Each run in a fresh process; times exclude interpreter "
         "start and imports common to both. Load = 1-minute load average when the run started.",
         "",
         "## Wall time",
@@ -587,9 +651,20 @@ def build_report(data: dict[str, Any]) -> str:
     def thr(pair: dict[str, Any], key: str) -> str:
         return f"{pair[key].get('torch_threads')} thr"
 
-    head = ["K", "R", "rep"] + [f"seq s ({thr(data['pairs'][0], k)})" for k in keys] + ["sim s"] + \
-        [f"sim/seq ({thr(data['pairs'][0], k)})" for k in keys] + \
-        ["sim rounds s (per round)", "seq rounds s (per round)", "sim before rounds s", "sim after rounds s", "accuracy (all runs)", "load at start"]
+    head = (
+        ["K", "R", "rep"]
+        + [f"seq s ({thr(data['pairs'][0], k)})" for k in keys]
+        + ["sim s"]
+        + [f"sim/seq ({thr(data['pairs'][0], k)})" for k in keys]
+        + [
+            "sim rounds s (per round)",
+            "seq rounds s (per round)",
+            "sim before rounds s",
+            "sim after rounds s",
+            "accuracy (all runs)",
+            "load at start",
+        ]
+    )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for pair in data["pairs"]:
         seq, sim = pair["seq"], pair["sim"]
@@ -597,11 +672,14 @@ def build_report(data: dict[str, Any]) -> str:
         cells = [str(pair["clients"]), str(pair["rounds"]), str(pair["repeat"])]
         cells += [_fmt(pair[k].get("seconds")) for k in keys] + [_fmt(sim.get("seconds"))]
         cells += [f"{_fmt(pair['ratios'].get(k), 2)}x" for k in keys]
-        cells += [f"{_fmt(bs.get('rounds_total'))} ({', '.join(_fmt(s) for s in bs.get('round_seconds', []))})",
-                  f"{_fmt(bq.get('rounds_total'))} ({', '.join(_fmt(s) for s in bq.get('round_seconds', []))})",
-                  _fmt(bs.get("before_rounds")), _fmt(bs.get("after_rounds")),
-                  " / ".join(_fmt((pair[k].get("summary") or {}).get("final_accuracy"), 3) for k in [*keys, "sim"]),
-                  " / ".join(_fmt(pair[k]["load_before"]["load_1min"], 2) for k in [*keys, "sim"])]
+        cells += [
+            f"{_fmt(bs.get('rounds_total'))} ({', '.join(_fmt(s) for s in bs.get('round_seconds', []))})",
+            f"{_fmt(bq.get('rounds_total'))} ({', '.join(_fmt(s) for s in bq.get('round_seconds', []))})",
+            _fmt(bs.get("before_rounds")),
+            _fmt(bs.get("after_rounds")),
+            " / ".join(_fmt((pair[k].get("summary") or {}).get("final_accuracy"), 3) for k in [*keys, "sim"]),
+            " / ".join(_fmt(pair[k]["load_before"]["load_1min"], 2) for k in [*keys, "sim"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -648,31 +726,43 @@ def build_report(data: dict[str, Any]) -> str:
     if ser:
         lines.append(
             "- One train Message pickles to %s bytes (%.2f ms dumps+loads), its reply to %s bytes (%.2f ms)."
-            % (ser.get("message", {}).get("pickled_bytes"), ser.get("message", {}).get("ms_dumps_loads", float("nan")),
-               ser.get("reply", {}).get("pickled_bytes"), ser.get("reply", {}).get("ms_dumps_loads", float("nan")))
+            % (
+                ser.get("message", {}).get("pickled_bytes"),
+                ser.get("message", {}).get("ms_dumps_loads", float("nan")),
+                ser.get("reply", {}).get("pickled_bytes"),
+                ser.get("reply", {}).get("ms_dumps_loads", float("nan")),
+            )
         )
     for pair in data["pairs"]:
         cs, cq = pair["sim"].get("calibration", {}), pair["seq"].get("calibration", {})
         same = cs == cq and bool(cs)
-        lines.append(f"- K={pair['clients']} rep {pair['repeat']}: client calibrations identical in both modes: {same} "
-                     f"(sigma {sorted({round(v['sigma'], 4) for v in cs.values() if v.get('sigma')})}); "
-                     f"torch threads seq {pair['seq'].get('torch_threads')}, sim driver {pair['sim'].get('torch_threads')}; "
-                     f"CPU seconds sim {_fmt(_cpu_total(pair['sim']))} (driver {_fmt(pair['sim'].get('memory', {}).get('driver_cpu_s'))}, "
-                     f"actors {_fmt(sum(pair['sim'].get('memory', {}).get('actor_cpu_s', [])))}, other Ray "
-                     f"{_fmt(pair['sim'].get('memory', {}).get('other_cpu_s_sum'))}) vs seq {_fmt(_cpu_total(pair['seq']))} "
-                     "(whole processes, imports included).")
-    lines.append(f"- Ray processes of these runs alive at the end: {data['final_ray_check']['ours']}; "
-                 f"other `ray::` processes on the machine (not started here): {data['final_ray_check']['others']}.")
+        lines.append(
+            f"- K={pair['clients']} rep {pair['repeat']}: client calibrations identical in both modes: {same} "
+            f"(sigma {sorted({round(v['sigma'], 4) for v in cs.values() if v.get('sigma')})}); "
+            f"torch threads seq {pair['seq'].get('torch_threads')}, sim driver {pair['sim'].get('torch_threads')}; "
+            f"CPU seconds sim {_fmt(_cpu_total(pair['sim']))} (driver {_fmt(pair['sim'].get('memory', {}).get('driver_cpu_s'))}, "
+            f"actors {_fmt(sum(pair['sim'].get('memory', {}).get('actor_cpu_s', [])))}, other Ray "
+            f"{_fmt(pair['sim'].get('memory', {}).get('other_cpu_s_sum'))}) vs seq {_fmt(_cpu_total(pair['seq']))} "
+            "(whole processes, imports included)."
+        )
+    lines.append(
+        f"- Ray processes of these runs alive at the end: {data['final_ray_check']['ours']}; "
+        f"other `ray::` processes on the machine (not started here): {data['final_ray_check']['others']}."
+    )
     for pair in data["pairs"]:
         for key in pair.get("seq_keys", [])[1:]:
             bk = pair[key].get("breakdown", {})
-            lines.append(f"- K={pair['clients']} rep {pair['repeat']}, seq with {pair[key].get('torch_threads')} torch thread(s): "
-                         f"client phase per round {', '.join(_fmt(x) for x in bk.get('client_phase', []))} s, train_local per client "
-                         f"{' / '.join(','.join(_fmt(x) for x in v) for v in bk.get('train_local_seconds', {}).values())} s, "
-                         f"CPU seconds {_fmt(_cpu_total(pair[key]))}, peak RSS {_fmt(pair[key].get('memory', {}).get('driver_peak_rss_mb'), 0)} MB.")
+            lines.append(
+                f"- K={pair['clients']} rep {pair['repeat']}, seq with {pair[key].get('torch_threads')} torch thread(s): "
+                f"client phase per round {', '.join(_fmt(x) for x in bk.get('client_phase', []))} s, train_local per client "
+                f"{' / '.join(','.join(_fmt(x) for x in v) for v in bk.get('train_local_seconds', {}).values())} s, "
+                f"CPU seconds {_fmt(_cpu_total(pair[key]))}, peak RSS {_fmt(pair[key].get('memory', {}).get('driver_peak_rss_mb'), 0)} MB."
+            )
     if not all(p[k]["load_before"]["below_max"] for p in data["pairs"] for k in [*p.get("seq_keys", ["seq"]), "sim"]):
-        lines.append(f"- WARNING: at least one run started with the load average above {data['settings']['max_load']} "
-                     "(waited the maximum); the machine was shared, timings are noisy.")
+        lines.append(
+            f"- WARNING: at least one run started with the load average above {data['settings']['max_load']} "
+            "(waited the maximum); the machine was shared, timings are noisy."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -694,14 +784,16 @@ def final_ray_check(results: list[dict[str, Any]]) -> dict[str, Any]:
             others.append({"pid": proc.pid, "cmd": cmd[:100]})
     # leftover processes recorded per run (tree members still alive)
     for r in results:
-        for left in (r.get("leftovers_after_wait") or []):
+        for left in r.get("leftovers_after_wait") or []:
             if psutil.pid_exists(left["pid"]) and left not in ours:
                 ours.append(left)
     return {"ours": len(ours), "ours_list": ours, "others": len(others), "others_list": others}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--clients", type=int, nargs="+", default=[2, 4], help="numbers of clients K to measure")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--task", default="sst2")
@@ -715,13 +807,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--seq-threads", type=int, nargs="+", default=[0],
-                   help="torch threads of the sequential baseline, one seq run per value (0 = torch's default); "
-                        "the first is the reference of sim/seq in the detail tables")
-    p.add_argument("--max-load", type=float, default=1.0, help="wait before each run until the 1-min load average is below this (0: no wait)")
+    p.add_argument(
+        "--seq-threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="torch threads of the sequential baseline, one seq run per value (0 = torch's default); "
+        "the first is the reference of sim/seq in the detail tables",
+    )
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=1.0,
+        help="wait before each run until the 1-min load average is below this (0: no wait)",
+    )
     p.add_argument("--load-poll", type=float, default=30.0)
     p.add_argument("--load-timeout", type=float, default=2400.0, help="longest wait before the first run (s)")
-    p.add_argument("--load-timeout-between", type=float, default=300.0, help="longest wait before each later run (s): our own runs raise the load")
+    p.add_argument(
+        "--load-timeout-between",
+        type=float,
+        default=300.0,
+        help="longest wait before each later run (s): our own runs raise the load",
+    )
     p.add_argument("--sample-interval", type=float, default=0.5)
     p.add_argument("--leftover-wait", type=float, default=5.0)
     p.add_argument("--out-dir", default=str(HERE / "results"))
@@ -752,9 +859,17 @@ def main(argv: list[str] | None = None) -> int:
 
     epsilon = float(args.epsilon)
     base = {
-        "task": args.task, "model": args.model, "data_dir": args.data_dir, "rounds": args.rounds, "epsilon": epsilon,
-        "local_steps": args.local_steps, "batch_size": args.batch_size, "max_train_examples": args.max_train_examples,
-        "max_eval_examples": args.max_eval_examples, "cpus_per_client": args.cpus_per_client, "seed": args.seed,
+        "task": args.task,
+        "model": args.model,
+        "data_dir": args.data_dir,
+        "rounds": args.rounds,
+        "epsilon": epsilon,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch_size,
+        "max_train_examples": args.max_train_examples,
+        "max_eval_examples": args.max_eval_examples,
+        "cpus_per_client": args.cpus_per_client,
+        "seed": args.seed,
     }
     if epsilon == float("inf"):
         base["epsilon"] = "inf"
@@ -767,7 +882,9 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(1, args.repeats + 1):
                 config = dict(base, clients=k)
                 pair: dict[str, Any] = {"clients": k, "rounds": args.rounds, "repeat": rep}
-                runs = [("seq" if i == 0 else f"seq_t{t}", "seq", t) for i, t in enumerate(args.seq_threads)] + [("sim", "sim", 0)]
+                runs = [("seq" if i == 0 else f"seq_t{t}", "seq", t) for i, t in enumerate(args.seq_threads)] + [
+                    ("sim", "sim", 0)
+                ]
                 for key, mode, threads in runs:  # interleaved so drifts in load hit all
                     res = run_one(mode, config, args, scratch, f"K{k}-r{rep}", first=not results, threads=threads)
                     res["breakdown"] = breakdown(res)
@@ -789,12 +906,19 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), **versions},
+        "host": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            **versions,
+        },
         "settings": vars(args) | {"_worker": None, "_config": None, "_result": None},
-        "settings_text": (f"{args.task}, model {args.model or 'all-MiniLM-L6-v2 (default)'}, R={args.rounds}, "
-                          f"{args.max_train_examples} train / {args.max_eval_examples} eval examples, {args.local_steps} local steps, "
-                          f"batch {args.batch_size}, epsilon {args.epsilon:g}, {args.cpus_per_client:g} CPU per client, "
-                          f"{args.repeats} repeat(s), seq torch threads {args.seq_threads} (0 = default), data {args.data_dir}"),
+        "settings_text": (
+            f"{args.task}, model {args.model or 'all-MiniLM-L6-v2 (default)'}, R={args.rounds}, "
+            f"{args.max_train_examples} train / {args.max_eval_examples} eval examples, {args.local_steps} local steps, "
+            f"batch {args.batch_size}, epsilon {args.epsilon:g}, {args.cpus_per_client:g} CPU per client, "
+            f"{args.repeats} repeat(s), seq torch threads {args.seq_threads} (0 = default), data {args.data_dir}"
+        ),
         "pairs": pairs,
         "final_ray_check": check,
         "scratch_removed": not scratch.exists(),

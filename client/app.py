@@ -1,184 +1,21 @@
 """The fedtune ClientApp (Flower Message API): local DP-SGD on the client's own shard.
 
-For each ``train`` message the client
-
-1. reads the global adapter and the round number;
-2. plans its privacy (certified noise for its budget over all planned rounds, computed once) and
-   refuses, with a reason, if this round would exceed its budget (its own ledger, not the server's);
-3. trains a fresh copy of the model with Opacus DP-SGD (Poisson rate q = B/N, clipping C, noise sigma);
-4. records the spend and the update in its own state folder *before* replying;
-5. replies with the new adapter and head weights, its example count and loss, and the round's
-   privacy event. A round it has already paid for is answered with the stored update (no new spend).
-
-A simulated client (``fedtune simulate``, ``flwr run .``) takes its shard from the shared workload; a
-deployed one (a SuperNode started by ``fedtune client``) takes it from its own machine and checks the
-server's settings against its own first (:mod:`fedtune.client.deployed`). Both run :func:`run_job`.
+A simulated client (``fedtune simulate``, ``flwr run .``) takes its shard from the shared workload
+(:func:`fedtune.client.job.train_round`); a deployed one (a SuperNode started by ``fedtune client``)
+takes it from its own machine and checks the server's settings against its own first
+(:mod:`fedtune.client.deployed`). Both run :func:`fedtune.client.job.run_job`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtune.client.privacy import ClientPrivacy, Plan
+from fedtune.client.job import train_round
+from fedtune.client.node import DATA_PATH_KEY
 from fedtune.config import RunConfig
-from fedtune.deployment import DATA_PATH_KEY
-from fedtune.privacy.events import SubsampledGaussianEvent
-from fedtune.records import to_record, to_state
-from fedtune.server.strategy import PRIVACY_KEY, STATUS_OK, STATUS_REFUSED
-from fedtune.workload import get_workload
 
-__all__ = ["ClientJob", "make_client_app", "run_job", "train_round", "client_state_dir"]
-
-log = logging.getLogger(__name__)
-
-
-def client_state_dir(config: RunConfig, client_id: str) -> Path:
-    """Where a simulated client keeps its ledger (``OUT/clients/client-ID``)."""
-    return config.out_dir / "clients" / f"client-{client_id}"
-
-
-def _reply(message: Message, update: dict[str, np.ndarray] | None, privacy: dict[str, Any], metrics: dict[str, float]) -> Message:
-    content = RecordDict({PRIVACY_KEY: ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
-    if update is not None:
-        content["arrays"] = to_record(update)
-    return Message(content, reply_to=message)
-
-
-@dataclass
-class ClientJob:
-    """Everything one client needs for a round, wherever its data comes from.
-
-    A simulated client gets it from the shared :class:`~fedtune.workload.Workload` (its partition of
-    the task); a deployed client from its own shard on its own machine
-    (:mod:`fedtune.client.deployed`). Both then run the same :func:`run_job`.
-    """
-
-    client_id: str
-    guard: ClientPrivacy
-    shard: Any  # a PackedDataset (fedtune.batching), built once per process
-    sampling_rate: float
-    steps: int
-    new_model: Callable[[], Any]  # the model to train in place (the global weights are loaded into it first)
-    collator: Any
-    seed_index: int
-    noise_multiplier: float | None = None
-
-
-def _use_threads(cpus: float) -> None:
-    """Give torch as many threads as Ray gave this client CPUs (Ray sets OMP_NUM_THREADS for its
-    actors, but a torch already initialised in the process keeps its own count)."""
-    import torch
-
-    try:
-        import ray
-
-        if not (ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None):
-            return  # not a Ray actor: leave the host process's setting alone
-    except (ImportError, RuntimeError, AttributeError):  # pragma: no cover
-        return
-    threads = max(1, int(cpus))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
-def train_round(message: Message, config: RunConfig, partition_id: int, state_dir: Path | None = None) -> Message:
-    """Handle one ``train`` message for simulated client ``partition_id`` (the body of the ClientApp)."""
-    client_id = str(partition_id)
-    _use_threads(config.cpus_per_client)
-    workload = get_workload(config)
-    job = ClientJob(
-        client_id=client_id,
-        guard=ClientPrivacy(client_id, state_dir or client_state_dir(config, client_id), config.epsilon, config.delta, config.accountant),
-        shard=workload.packed_train_set(partition_id),
-        sampling_rate=workload.sampling_rate(partition_id),
-        steps=workload.steps_per_round(partition_id),
-        new_model=workload.work_model,
-        collator=workload.collator,
-        seed_index=partition_id,
-    )
-    return run_job(message, config, job)
-
-
-def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
-    """Train one round for ``job``: privacy plan, refusal or re-send, DP-SGD, record, reply."""
-    from fedtune.model import pick_device, set_trainable_state
-    from fedtune.progress import TrainingProgress
-    from fedtune.train import TrainConfig, train_local
-
-    server_round = int(message.content["config"]["server-round"])
-    client_id, guard = job.client_id, job.guard
-    examples = len(job.shard)
-    q, steps = job.sampling_rate, job.steps
-    base = {"client-id": client_id, "examples": examples, "sampling-rate": q, "steps": steps, "dp": guard.private}
-    sigma: float | None = None
-    epsilon_before: float | None = None
-    epsilon_after: float | None = None
-    if guard.private:
-        paid = guard.paid_event(server_round)
-        if paid is not None:
-            update = guard.paid_update(server_round)
-            if update is None:  # training again would release a second output for a round counted once
-                reason = f"round {server_round} is already paid for but its stored update is missing from {guard.state_dir}; refusing to train it again"
-                log.warning("client %s refuses round %d: %s", client_id, server_round, reason)
-                return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": reason, "noise-multiplier": paid.noise_multiplier},
-                              {"num-examples": examples})
-            log.info("client %s: round %d already paid for; re-sending the stored update", client_id, server_round)
-            return _reply(message, update, {**base, "status": STATUS_OK, "sampling-rate": paid.sampling_rate, "steps": paid.steps,
-                                            "noise-multiplier": paid.noise_multiplier, "resent": True}, {"num-examples": examples})
-        plan = Plan(q, steps, config.rounds)
-        if job.noise_multiplier is None:
-            sigma = guard.calibrate(plan).sigma
-        else:
-            verdict = guard.check_noise(plan, job.noise_multiplier)
-            if not verdict.allowed:
-                log.info("client %s refuses round %d: %s", client_id, server_round, verdict.reason)
-                return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": verdict.reason, "noise-multiplier": job.noise_multiplier},
-                              {"num-examples": examples})
-            sigma = job.noise_multiplier
-        event = SubsampledGaussianEvent(q, sigma, steps)
-        verdict = guard.admit(event)
-        if not verdict.allowed:
-            log.info("client %s refuses round %d: %s", client_id, server_round, verdict.reason)
-            return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": verdict.reason, "noise-multiplier": sigma}, {"num-examples": examples})
-        epsilon_before, epsilon_after = guard.ledger.certified_epsilon(client_id), verdict.epsilon_after
-    model = job.new_model()
-    try:
-        set_trainable_state(model, to_state(message.content["arrays"]))
-    except ValueError as err:  # the server's global model itself is malformed: refuse, never crash
-        reason = f"the global model sent for round {server_round} is unusable: {err}"
-        log.warning("client %s refuses round %d: %s", client_id, server_round, reason)
-        return _reply(message, None, {**base, "status": STATUS_REFUSED, "reason": reason, "noise-multiplier": sigma or 0.0}, {"num-examples": examples})
-    train_config = TrainConfig(
-        batch_size=min(config.batch_size, examples), steps=steps, learning_rate=config.learning_rate,
-        max_grad_norm=config.max_grad_norm, noise_multiplier=sigma, seed=config.seed * 100_003 + server_round * 1009 + job.seed_index,
-        physical_batch_size=config.physical_batch_size, precision=config.precision,  # type: ignore[arg-type]
-        log_every=max(1, steps // 100),
-    )
-    with TrainingProgress(f"client {client_id} round {server_round}", steps,
-                          epsilon_before=epsilon_before, epsilon_after=epsilon_after) as progress:
-        result = train_local(model, job.shard, job.collator, train_config, pick_device(), progress=progress, in_place=True)
-    update = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
-    privacy = {**base, "status": STATUS_OK, "noise-multiplier": sigma if sigma is not None else 0.0}
-    if guard.private:
-        event = SubsampledGaussianEvent(result.sampling_rate, sigma, result.steps)
-        guard.record(server_round, event, examples, update)
-        privacy.update({"sampling-rate": event.sampling_rate, "steps": event.steps,
-                        "epsilon": guard.ledger.epsilon(client_id), "epsilon-certified": guard.ledger.certified_epsilon(client_id)})
-    metrics = {"num-examples": examples, "train-loss": float(result.mean_loss), "seconds": float(result.seconds),
-               "examples-per-second": float(result.examples_per_second), "padding-efficiency": float(result.padding_efficiency)}
-    for key in ("train-loss", "examples-per-second", "padding-efficiency"):
-        if not math.isfinite(metrics[key]):
-            metrics[key] = -1.0  # every batch was empty: nothing to measure
-    return _reply(message, update, privacy, metrics)
+__all__ = ["make_client_app"]
 
 
 def make_client_app(config: RunConfig | None = None) -> ClientApp:

@@ -22,37 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedtune.deployment import NodeSettings
+from fedtune.client.node import NodeSettings
 from fedtune.io import atomic_write_json, atomic_write_text, read_json
 
-__all__ = ["add_client_parser", "run_client", "default_state_dir"]
+__all__ = ["run_client", "default_state_dir"]
 
 log = logging.getLogger(__name__)
-
-
-def _epsilon(text: str) -> float:
-    value = float(text)
-    if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"epsilon must be > 0 or 'inf', got {text!r}")
-    return value
-
-
-def add_client_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``fedtune client``."""
-    p = subparsers.add_parser("client", help="join a federation as a client, training on this machine's data only",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the server's address (its `fedtune server --host/--port`)")
-    p.add_argument("--data", required=True, metavar="PATH", help="this client's data: a `fedtune partition` client folder or a parquet file")
-    p.add_argument("--epsilon", type=_epsilon, required=True, help="this client's record-level budget over the whole run ('inf': no DP)")
-    p.add_argument("--delta", type=float, default=1e-5, help="this client's delta (default 1e-05; must be below 1 / examples)")
-    p.add_argument("--client-id", default=None, help="stable name in both ledgers (default: the data folder's name)")
-    p.add_argument("--state-dir", default=None, help="folder for the client's ledger and stored updates (default DATA/state)")
-    p.add_argument("--root-certificates", metavar="CA_CRT", default=None, help="the server's CA certificate (ca.crt from `fedtune certs`)")
-    p.add_argument("--auth-key", metavar="KEY", default=None, help="this client's private key from `fedtune keys` (its .pub is registered on the server)")
-    p.add_argument("--accountant", default="saddlepoint", help="estimating accountant (default saddlepoint; pld certifies)")
-    p.add_argument("--max-wait-time", type=float, default=None, help="give up after this many seconds without the server (default: keep trying)")
-    p.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication: local experiments only")
-    p.set_defaults(handler=run_client)
 
 
 def default_state_dir(data: Path) -> Path:
@@ -70,11 +45,15 @@ def _check_address(address: str) -> str:
 def _check_tls(args: argparse.Namespace) -> tuple[Path, Path] | None:
     if args.insecure:
         if args.root_certificates or args.auth_key:
-            raise ValueError("--insecure cannot be combined with --root-certificates or --auth-key (authentication needs TLS)")
+            raise ValueError(
+                "--insecure cannot be combined with --root-certificates or --auth-key (authentication needs TLS)"
+            )
         return None
     if not args.root_certificates or not args.auth_key:
-        raise ValueError("--root-certificates CA_CRT and --auth-key KEY are required (TLS and client authentication are on by default; "
-                         "--insecure only for local experiments)")
+        raise ValueError(
+            "--root-certificates CA_CRT and --auth-key KEY are required (TLS and client authentication are on by default; "
+            "--insecure only for local experiments)"
+        )
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -83,19 +62,23 @@ def _check_tls(args: argparse.Namespace) -> tuple[Path, Path] | None:
     try:
         x509.load_pem_x509_certificate(ca.read_bytes())
     except (OSError, ValueError) as err:
-        raise ValueError(f"--root-certificates {args.root_certificates}: not a readable PEM certificate ({err})") from None
+        raise ValueError(
+            f"--root-certificates {args.root_certificates}: not a readable PEM certificate ({err})"
+        ) from None
     try:
         private = load_ssh_private_key(key.read_bytes(), None)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"--auth-key {args.auth_key}: not a readable OpenSSH private key ({err})") from None
     if not isinstance(private, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"--auth-key {args.auth_key}: Flower needs an EC (NIST curve) key; create one with `fedtune keys`")
+        raise ValueError(
+            f"--auth-key {args.auth_key}: Flower needs an EC (NIST curve) key; create one with `fedtune keys`"
+        )
     return ca, key
 
 
 def _settings(args: argparse.Namespace) -> NodeSettings:
-    from fedtune.certs import check_name
     from fedtune.data.shards import shard_info
+    from fedtune.deployment import check_name
     from fedtune.privacy.events import check_delta
 
     data = Path(args.data).resolve()
@@ -103,14 +86,18 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
     client_id = check_name(args.client_id or info.name or (data.name if data.is_dir() else data.stem))
     delta = check_delta(args.delta)
     if not math.isinf(args.epsilon) and delta >= 1.0 / info.examples:
-        raise ValueError(f"--delta {args.delta:g} must be below 1 / {info.examples} examples = {1.0 / info.examples:.3g}")
+        raise ValueError(
+            f"--delta {args.delta:g} must be below 1 / {info.examples} examples = {1.0 / info.examples:.3g}"
+        )
     state = Path(args.state_dir).resolve() if args.state_dir else default_state_dir(data)
     owner = state / "client.json"
     if owner.exists():
         stored = read_json(owner)
         if stored.get("client_id") != client_id:
-            raise ValueError(f"--state-dir {state} belongs to client {stored.get('client_id')!r}, not {client_id!r}; "
-                             "each client needs its own state folder")
+            raise ValueError(
+                f"--state-dir {state} belongs to client {stored.get('client_id')!r}, not {client_id!r}; "
+                "each client needs its own state folder"
+            )
     atomic_write_json(owner, {"client_id": client_id, "data": str(data), "task": info.task, "examples": info.examples})
     return NodeSettings(data, state, client_id, float(args.epsilon), delta, args.accountant)
 
@@ -123,13 +110,15 @@ def _ledger_line(settings: NodeSettings) -> str:
         return f"client {settings.client_id}: nothing spent (no ledger yet)"
     ledger = PrivacyLedger.load(path)
     rounds = ledger.rounds(settings.client_id)
-    return (f"client {settings.client_id}: paid for round(s) {rounds or 'none'}, epsilon {ledger.certified_epsilon(settings.client_id):.4f} "
-            f"(certified, delta {ledger.delta:g}) of budget {settings.epsilon:g}; ledger {path}")
+    return (
+        f"client {settings.client_id}: paid for round(s) {rounds or 'none'}, epsilon {ledger.certified_epsilon(settings.client_id):.4f} "
+        f"(certified, delta {ledger.delta:g}) of budget {settings.epsilon:g}; ledger {path}"
+    )
 
 
 def run_client(args: argparse.Namespace) -> int:
     """Validate, then run ``flower-supernode`` until it stops (see the module docstring)."""
-    from fedtune.processes import console_script, free_port, stop_tree
+    from fedtune.deployment import console_script, free_port, stop_tree
 
     address = _check_address(args.superlink)
     tls = _check_tls(args)
@@ -137,12 +126,23 @@ def run_client(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-wait-time must be > 0 seconds, got {args.max_wait_time}")
     settings = _settings(args)
     node_config = atomic_write_text(settings.state_dir / "node-config.toml", settings.to_toml())
-    command = [console_script("flower-supernode"), "--superlink", address, "--node-config", str(node_config),
-               "--port", str(free_port("127.0.0.1"))]
+    command = [
+        console_script("flower-supernode"),
+        "--superlink",
+        address,
+        "--node-config",
+        str(node_config),
+        "--port",
+        str(free_port("127.0.0.1")),
+    ]
     if tls is None:
         bar = "!" * 78
-        print(f"{bar}\n!! --insecure: NO TLS. Model updates travel in clear text and the server is not verified.\n"
-              f"!! Local experiments only.\n{bar}", file=sys.stderr, flush=True)
+        print(
+            f"{bar}\n!! --insecure: NO TLS. Model updates travel in clear text and the server is not verified.\n"
+            f"!! Local experiments only.\n{bar}",
+            file=sys.stderr,
+            flush=True,
+        )
         command.append("--insecure")
     else:
         command += ["--root-certificates", str(tls[0]), "--auth-supernode-private-key", str(tls[1])]
@@ -150,8 +150,11 @@ def run_client(args: argparse.Namespace) -> int:
         command += ["--max-wait-time", str(args.max_wait_time)]
     env = {**os.environ, "FLWR_HOME": str(settings.state_dir / "flwr-home"), "PYTHONUNBUFFERED": "1"}
     budget = "no DP" if math.isinf(settings.epsilon) else f"epsilon {settings.epsilon:g}, delta {settings.delta:g}"
-    print(f"client {settings.client_id}: data {settings.data_path}, budget {budget}, state {settings.state_dir}; "
-          f"connecting to {address} ({'NO TLS' if tls is None else 'TLS, key ' + tls[1].name})", flush=True)
+    print(
+        f"client {settings.client_id}: data {settings.data_path}, budget {budget}, state {settings.state_dir}; "
+        f"connecting to {address} ({'NO TLS' if tls is None else 'TLS, key ' + tls[1].name})",
+        flush=True,
+    )
     supernode = subprocess.Popen(command, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
 
     def _terminate(signum: int, _frame: Any) -> None:
@@ -168,6 +171,9 @@ def run_client(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         print(_ledger_line(settings), flush=True)
     if code not in (0, 130):
-        print(f"fedtune client: the SuperNode exited with status {code} (see its message above: an unregistered key, "
-              "a certificate the server does not match, or an unreachable server)", file=sys.stderr)
+        print(
+            f"fedtune client: the SuperNode exited with status {code} (see its message above: an unregistered key, "
+            "a certificate the server does not match, or an unreachable server)",
+            file=sys.stderr,
+        )
     return int(code)

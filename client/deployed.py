@@ -26,16 +26,26 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedtune.client.app import ClientJob, run_job
+from fedtune.client.job import ClientJob, run_job
+from fedtune.client.node import NodeSettings
 from fedtune.client.policy import review_request
 from fedtune.client.privacy import ClientPrivacy
 from fedtune.config import RunConfig
 from fedtune.data.shards import ShardInfo, shard_info
-from fedtune.deployment import NodeSettings, configure_logging, split_run_config
 from fedtune.io import atomic_write_json, read_json
-from fedtune.server.strategy import PRIVACY_KEY, STATUS_OK, STATUS_REFUSED
+from fedtune.logs import configure_logging
+from fedtune.protocol import (
+    CONFIG_KEY,
+    PRIVACY_KEY,
+    SERVER_ROUND_KEY,
+    STATUS_REFUSED,
+    ClientReply,
+    reply_message,
+    split_run_config,
+)
+from fedtune.workload import build_template, cache_key, local_plan
 
 __all__ = ["train_deployed", "state_lock", "record_event"]
 
@@ -62,9 +72,14 @@ def record_event(state_dir: Path, event: dict[str, Any]) -> None:
 
 
 def _refusal(message: Message, settings: NodeSettings, examples: int, reason: str) -> Message:
-    privacy = {"client-id": settings.client_id, "status": STATUS_REFUSED, "reason": reason, "examples": examples,
-               "dp": settings.epsilon != float("inf")}
-    return Message(RecordDict({PRIVACY_KEY: ConfigRecord(privacy), "metrics": MetricRecord({"num-examples": examples})}), reply_to=message)
+    reply = ClientReply(
+        client_id=settings.client_id,
+        examples=examples,
+        status=STATUS_REFUSED,
+        reason=reason,
+        dp=settings.epsilon != float("inf"),
+    )
+    return reply_message(message, reply, {})
 
 
 @lru_cache(maxsize=2)
@@ -74,7 +89,6 @@ def _local_data(data_path: str, config: RunConfig) -> tuple[Any, Any, Any]:
     from fedtune.batching import pack_dataset
     from fedtune.data import get_task_spec, make_collator, tokenize_dataset
     from fedtune.data.shards import read_shard
-    from fedtune.standalone import build_template
 
     spec = get_task_spec(config.task)
     template, tokenizer = build_template(config, spec.num_labels)
@@ -82,23 +96,21 @@ def _local_data(data_path: str, config: RunConfig) -> tuple[Any, Any, Any]:
     return pack_dataset(shard, tokenizer), template, make_collator(tokenizer)
 
 
-def _model_key(config: RunConfig) -> RunConfig:
-    # settings that do not change the data or the model share one cache entry
-    return config.replace(rounds=1, epsilon=float("inf"), out="", learning_rate=1.0, max_grad_norm=1.0, local_steps=None,
-                          local_epochs=1.0, batch_size=1, clients=1, accountant="saddlepoint", data_dir=None,
-                          max_train_examples=None, max_eval_examples=None, physical_batch_size=None, precision="fp32")
-
-
 def _job(config: RunConfig, settings: NodeSettings, shard: ShardInfo, noise_multiplier: float | None) -> ClientJob:
-    from fedtune.standalone import local_plan
-
-    tokenized, template, collator = _local_data(str(settings.data_path), _model_key(config))
+    tokenized, template, collator = _local_data(str(settings.data_path), cache_key(config, data=False))
     q, steps = local_plan(config, len(tokenized))
     return ClientJob(
         client_id=settings.client_id,
-        guard=ClientPrivacy(settings.client_id, settings.state_dir, settings.epsilon, settings.delta, settings.accountant),
-        shard=tokenized, sampling_rate=q, steps=steps, new_model=lambda: template, collator=collator,
-        seed_index=shard.index or 0, noise_multiplier=noise_multiplier,
+        guard=ClientPrivacy(
+            settings.client_id, settings.state_dir, settings.epsilon, settings.delta, settings.accountant
+        ),
+        shard=tokenized,
+        sampling_rate=q,
+        steps=steps,
+        new_model=lambda: template,
+        collator=collator,
+        seed_index=shard.index or 0,
+        noise_multiplier=noise_multiplier,
     )
 
 
@@ -110,8 +122,10 @@ def _bind_run(state_dir: Path, run_key: str) -> str | None:
     if path.exists():
         bound = str(read_json(path).get("run_key", ""))
         if bound != run_key:
-            return (f"this client's state folder {state_dir} belongs to federated run {bound}, not {run_key}: its ledger "
-                    "numbers that run's rounds; start the client with a new --state-dir for a new run")
+            return (
+                f"this client's state folder {state_dir} belongs to federated run {bound}, not {run_key}: its ledger "
+                "numbers that run's rounds; start the client with a new --state-dir for a new run"
+            )
         return None
     atomic_write_json(path, {"run_key": run_key, "bound_at": time.time()})
     return None
@@ -129,23 +143,36 @@ def train_deployed(message: Message, context: Context) -> Message:
             log.error("client %s refuses: %s", settings.client_id, reason)
             record_event(settings.state_dir, {"decision": "refused", "reason": reason, "run": context.run_id})
             return _refusal(message, settings, 1, reason)
-        message_config = message.content.config_records.get("config")
-        server_round = message_config.get("server-round") if message_config is not None else None
+        message_config = message.content.config_records.get(CONFIG_KEY)
+        server_round = message_config.get(SERVER_ROUND_KEY) if message_config is not None else None
         try:
             config, options = split_run_config(context.run_config)
         except (ValueError, TypeError) as err:
             reason = f"the server's run settings are invalid: {err}"
         else:
-            reason = review_request(config, options, settings, shard, message_config) or _bind_run(settings.state_dir, options.run_key)
+            reason = review_request(config, options, settings, shard, message_config) or _bind_run(
+                settings.state_dir, options.run_key
+            )
         if reason is not None:
             log.warning("client %s refuses round %s: %s", settings.client_id, server_round, reason)
-            record_event(settings.state_dir, {"round": server_round, "decision": "refused", "reason": reason, "run": context.run_id})
+            record_event(
+                settings.state_dir,
+                {"round": server_round, "decision": "refused", "reason": reason, "run": context.run_id},
+            )
             return _refusal(message, settings, shard.examples, reason)
         job = _job(config, settings, shard, options.noise_multiplier or None)
         reply = run_job(message, config, job)
-        privacy = reply.content.config_records[PRIVACY_KEY]
-        decision = "resent" if privacy.get("resent") else ("trained" if privacy.get("status") == STATUS_OK else "refused")
-        record_event(settings.state_dir, {"round": server_round, "decision": decision, "reason": privacy.get("reason", ""),
-                                          "run": context.run_id, "epsilon_certified": privacy.get("epsilon-certified")})
+        sent = ClientReply.from_config_record(reply.content.config_records[PRIVACY_KEY])
+        decision = "resent" if sent.resent else ("trained" if sent.ok else "refused")
+        record_event(
+            settings.state_dir,
+            {
+                "round": server_round,
+                "decision": decision,
+                "reason": sent.reason,
+                "run": context.run_id,
+                "epsilon_certified": sent.epsilon_certified,
+            },
+        )
         log.info("client %s round %s: %s", settings.client_id, server_round, decision)
         return reply

@@ -12,16 +12,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedtune.client.node import NodeSettings
 from fedtune.config import RunConfig
 from fedtune.data.shards import ShardInfo
-from fedtune.deployment import DeployOptions, NodeSettings
+from fedtune.protocol import SERVER_ROUND_KEY, DeployOptions
 
 __all__ = ["review_request"]
 
 
 def _server_round(message_config: Any, rounds: int) -> tuple[int | None, str | None]:
     try:
-        value = message_config["server-round"]
+        value = message_config[SERVER_ROUND_KEY]
     except (KeyError, TypeError):
         return None, "the train message carries no server-round"
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= rounds:
@@ -29,8 +30,9 @@ def _server_round(message_config: Any, rounds: int) -> tuple[int | None, str | N
     return value, None
 
 
-def review_request(config: RunConfig, options: DeployOptions, settings: NodeSettings, shard: ShardInfo,
-                   message_config: Any) -> str | None:
+def review_request(
+    config: RunConfig, options: DeployOptions, settings: NodeSettings, shard: ShardInfo, message_config: Any
+) -> str | None:
     """The reason to refuse this training request, or None to accept it.
 
     Parameters
@@ -47,8 +49,10 @@ def review_request(config: RunConfig, options: DeployOptions, settings: NodeSett
         return f"the server asks for task {config.task!r}, but this client's data is task {shard.task!r}"
     client_private = not math.isinf(settings.epsilon)
     if config.private and not client_private:
-        return (f"the server runs with DP (epsilon {config.epsilon:g}) but this client was started without a budget "
-                "(--epsilon inf); restart it with a finite --epsilon")
+        return (
+            f"the server runs with DP (epsilon {config.epsilon:g}) but this client was started without a budget "
+            "(--epsilon inf); restart it with a finite --epsilon"
+        )
     if client_private and not config.private:
         return f"the server asks to train without DP (epsilon inf); this client only trains with DP within its budget epsilon {settings.epsilon:g}"
     if client_private and settings.delta >= 1.0 / shard.examples:

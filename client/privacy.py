@@ -61,7 +61,9 @@ class ClientPrivacy:
         Estimating accountant used to calibrate (certified with ``pld`` afterwards).
     """
 
-    def __init__(self, client_id: str, state_dir: str | Path, epsilon: float, delta: float, accountant: str = "saddlepoint") -> None:
+    def __init__(
+        self, client_id: str, state_dir: str | Path, epsilon: float, delta: float, accountant: str = "saddlepoint"
+    ) -> None:
         self.client_id = client_id
         self.state_dir = Path(state_dir)
         self.epsilon = epsilon
@@ -81,11 +83,18 @@ class ClientPrivacy:
             stored = read_json(path)
             if stored.get("key") == json.loads(json.dumps(key)):
                 return Calibration(**stored["calibration"])
-        calibration = calibrate_noise(self.epsilon, self.delta, plan.sampling_rate, plan.total_steps, accountant=self.accountant)
+        calibration = calibrate_noise(
+            self.epsilon, self.delta, plan.sampling_rate, plan.total_steps, accountant=self.accountant
+        )
         atomic_write_json(path, {"key": key, "calibration": calibration.to_dict()})
         log.info(
             "client %s: sigma %.4f for epsilon %g over %d steps at q = %.4g (certified epsilon %.4f)",
-            self.client_id, calibration.sigma, self.epsilon, plan.total_steps, plan.sampling_rate, calibration.certified_epsilon,
+            self.client_id,
+            calibration.sigma,
+            self.epsilon,
+            plan.total_steps,
+            plan.sampling_rate,
+            calibration.certified_epsilon,
         )
         return calibration
 
@@ -101,20 +110,30 @@ class ClientPrivacy:
         """Would training all of ``plan`` with a noise multiplier ``sigma`` (e.g. one the server asks for)
         keep this client within its budget? Checked with the certified (``pld``) bound."""
         if not (math.isfinite(sigma) and sigma > 0):
-            return BudgetCheck(False, math.inf, self.epsilon, f"noise multiplier {sigma!r} is not a positive finite number")
+            return BudgetCheck(
+                False, math.inf, self.epsilon, f"noise multiplier {sigma!r} is not a positive finite number"
+            )
         planned = SubsampledGaussianEvent(plan.sampling_rate, sigma, plan.total_steps)
         after = certifier().get_epsilon(planned, self.delta)
         if after > self.epsilon:
-            return BudgetCheck(False, after, self.epsilon, (
-                f"noise multiplier {sigma:g} over {plan.rounds} rounds x {plan.steps_per_round} steps at q = {plan.sampling_rate:.4g} "
-                f"gives epsilon {after:.4g} (certified, delta {self.delta:g}) > this client's budget {self.epsilon:g}"))
+            return BudgetCheck(
+                False,
+                after,
+                self.epsilon,
+                (
+                    f"noise multiplier {sigma:g} over {plan.rounds} rounds x {plan.steps_per_round} steps at q = {plan.sampling_rate:.4g} "
+                    f"gives epsilon {after:.4g} (certified, delta {self.delta:g}) > this client's budget {self.epsilon:g}"
+                ),
+            )
         return BudgetCheck(True, after, self.epsilon)
 
     def admit(self, event: SubsampledGaussianEvent) -> BudgetCheck:
         """Prospective check of a new round against the budget (certified bound)."""
         return self.ledger.check(self.client_id, event)
 
-    def record(self, server_round: int, event: SubsampledGaussianEvent, examples: int, update: dict[str, np.ndarray]) -> None:
+    def record(
+        self, server_round: int, event: SubsampledGaussianEvent, examples: int, update: dict[str, np.ndarray]
+    ) -> None:
         """Persist the update, then the spend, before anything is sent."""
         buffer = io.BytesIO()
         np.savez(buffer, **update)

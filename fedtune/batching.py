@@ -129,14 +129,18 @@ class PackedDataset:
         for name, tensor in self.columns.items():
             picked = tensor.index_select(0, index)
             if picked.dim() >= 2:
-                picked = picked[:, :width] if self.padding_side == "right" else picked[:, picked.shape[1] - width:]
+                picked = picked[:, :width] if self.padding_side == "right" else picked[:, picked.shape[1] - width :]
                 picked = picked.contiguous()
             out[name] = picked
         return out
 
-    def micro_batches(self, indices: Sequence[int] | np.ndarray, physical_batch_size: int,
-                      overhead_tokens: int = MICRO_BATCH_OVERHEAD_TOKENS,
-                      min_efficiency: float = MIN_PADDING_EFFICIENCY) -> list[MicroBatch]:
+    def micro_batches(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        physical_batch_size: int,
+        overhead_tokens: int = MICRO_BATCH_OVERHEAD_TOKENS,
+        min_efficiency: float = MIN_PADDING_EFFICIENCY,
+    ) -> list[MicroBatch]:
         """Sort ``indices`` by length and cut them into micro-batches of at most ``physical_batch_size``.
 
         Each micro-batch is padded only to its own longest example. The cut points minimise
@@ -149,7 +153,11 @@ class PackedDataset:
         the logical batch changes; which examples are in it does not. Returns ``[]`` for an
         empty logical batch.
         """
-        if isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, (int, np.integer)) or physical_batch_size < 1:
+        if (
+            isinstance(physical_batch_size, bool)
+            or not isinstance(physical_batch_size, (int, np.integer))
+            or physical_batch_size < 1
+        ):
             raise ValueError(f"physical_batch_size must be an integer >= 1, got {physical_batch_size!r}")
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         if rows.size == 0:
@@ -167,7 +175,14 @@ class PackedDataset:
         for start, stop in cuts:
             chunk = rows[start:stop]
             width = int(lengths[stop - 1])
-            out.append(MicroBatch(self._slice(chunk, width), int(chunk.size), int(self._lengths_np[chunk].sum()), int(chunk.size) * width))
+            out.append(
+                MicroBatch(
+                    self._slice(chunk, width),
+                    int(chunk.size),
+                    int(self._lengths_np[chunk].sum()),
+                    int(chunk.size) * width,
+                )
+            )
         return out
 
 
@@ -215,7 +230,7 @@ def _pad_rows(rows: list[list[int]], width: int, value: int, side: str) -> torch
         if side == "right":
             out[i, : len(row)] = row
         else:
-            out[i, width - len(row):] = row
+            out[i, width - len(row) :] = row
     return torch.from_numpy(out)
 
 
@@ -275,6 +290,7 @@ def activation_bytes_per_token(model_config: Any, sequence_length: int, element_
     ``num_attention_heads``/``n_heads``, ``num_hidden_layers``/``n_layers``). Unknown fields
     fall back to BERT-base values, which over-estimates small models (the safe side).
     """
+
     def get(*names: str, default: int) -> int:
         for name in names:
             value = getattr(model_config, name, None)
@@ -336,4 +352,3 @@ def auto_physical_batch_size(
     if logical_batch_size is not None:
         size = min(size, max(1, int(logical_batch_size)))
     return max(1, size)
-

@@ -29,7 +29,13 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _positive_float(name: str, value: object, *, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (math.isinf(value) and not allow_inf) or math.isnan(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or (math.isinf(value) and not allow_inf)
+        or math.isnan(value)
+    ):
         allowed = "(0, inf]" if allow_inf else "(0, inf)"
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
     return float(value)
@@ -84,7 +90,12 @@ class RunConfig:
     max_length : int
         Token limit per example.
     seed : int
-        Seed of data split, partition, initialisation and sampling.
+        Seed of data split, partition, initialisation and (non-private) batch order.
+    dp_randomness : str
+        ``secret`` (default): the DP noise and Poisson sampling are drawn from fresh OS entropy, so
+        nobody, the seed's owner included, can subtract the noise; a DP run is then not repeatable
+        under ``seed``. ``seeded``: both derive from ``seed`` (repeatable experiments; a weaker
+        setting, since the guarantee no longer holds against whoever knows the seed).
     accountant : str
         Estimating accountant for calibration and reports (certification is always ``pld``).
     cpus_per_client, gpus_per_client : float
@@ -120,6 +131,7 @@ class RunConfig:
     max_eval_examples: int | None = None
     max_length: int = 128
     seed: int = 0
+    dp_randomness: str = "secret"
     accountant: str = "saddlepoint"
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
@@ -158,9 +170,13 @@ class RunConfig:
         _positive_int("max_length", self.max_length)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.dp_randomness not in ("secret", "seeded"):
+            raise ValueError(f"dp_randomness must be one of secret, seeded, got {self.dp_randomness!r}")
         get_accountant(self.accountant)
         if self.cpus_per_client <= 0 or self.gpus_per_client < 0:
-            raise ValueError(f"cpus_per_client must be > 0 and gpus_per_client >= 0, got {self.cpus_per_client!r}, {self.gpus_per_client!r}")
+            raise ValueError(
+                f"cpus_per_client must be > 0 and gpus_per_client >= 0, got {self.cpus_per_client!r}, {self.gpus_per_client!r}"
+            )
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -208,14 +224,31 @@ class RunConfig:
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_flower` (``""`` becomes None for optional settings)."""
-        optional = {"model", "data_dir", "local_steps", "max_train_examples", "max_eval_examples", "ray_address", "physical_batch_size"}
+        optional = {
+            "model",
+            "data_dir",
+            "local_steps",
+            "max_train_examples",
+            "max_eval_examples",
+            "ray_address",
+            "physical_batch_size",
+        }
         data: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")
             data[name] = None if (name in optional and value == "") else value
         if isinstance(data.get("epsilon"), str):
             data["epsilon"] = float(data["epsilon"])
-        for name in ("lora_alpha", "alpha", "local_epochs", "max_grad_norm", "learning_rate", "delta", "cpus_per_client", "gpus_per_client"):
+        for name in (
+            "lora_alpha",
+            "alpha",
+            "local_epochs",
+            "max_grad_norm",
+            "learning_rate",
+            "delta",
+            "cpus_per_client",
+            "gpus_per_client",
+        ):
             if isinstance(data.get(name), int) and not isinstance(data.get(name), bool):
                 data[name] = float(data[name])
         return cls.from_dict(data)

@@ -84,14 +84,10 @@ def evaluate(
                     raise ValueError(f"evaluation batches need a 'labels' column (got {list(batch)})")
                 labels = batch["labels"]
                 inputs = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v
-                    for k, v in batch.items()
-                    if k != "labels"
+                    k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"
                 }
                 logits = model(**inputs).logits.float().cpu()
-                loss_sum += float(
-                    nn.functional.cross_entropy(logits, labels.long(), reduction="sum")
-                )
+                loss_sum += float(nn.functional.cross_entropy(logits, labels.long(), reduction="sum"))
                 all_logits.append(logits)
                 all_labels.append(labels.cpu())
     finally:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json", "jsonable"]
+__all__ = ["hub_reachable", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json", "jsonable"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -70,3 +72,29 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{source} is not valid JSON ({err})") from None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a quick TCP probe (``HF_HUB_OFFLINE=1``: never).
+
+    transformers and datasets retry an unreachable hub for half a minute or more; probing first
+    turns that wait into an immediate, clear error.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover - huggingface_hub ships with transformers
+        return False
+    parsed = urlparse(endpoint)
+    host = parsed.hostname
+    if not host:
+        return False
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

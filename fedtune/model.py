@@ -28,19 +28,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedtune.io import hub_reachable
+
 __all__ = [
-    "DEFAULT_MODEL",
+    "DEFAULT_MODEL",  # noqa: F822 - resolved by the module __getattr__
     "DEFAULT_MODEL_ALIASES",
     "LoraSettings",
     "build_peft_model",
@@ -85,7 +85,6 @@ _HEAD_MODULES: dict[str, tuple[str, ...]] = {
 """Modules trained in full (peft ``modules_to_save``): the newly initialized head layers."""
 
 _PEFT_DEFAULT_HEAD: tuple[str, ...] = ("classifier", "score")
-_HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def __getattr__(name: str) -> Any:
@@ -135,26 +134,21 @@ def pick_device(preference: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(preference)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"unknown device {preference!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-        ) from exc
+        raise ValueError(f"unknown device {preference!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ValueError(f"device {preference!r} requested but CUDA is not available")
         if device.index is not None and device.index >= count:
             raise ValueError(
-                f"device {preference!r} requested but only {count} CUDA device(s) exist "
-                f"(valid indices 0..{count - 1})"
+                f"device {preference!r} requested but only {count} CUDA device(s) exist (valid indices 0..{count - 1})"
             )
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise ValueError(f"device {preference!r} requested but MPS is not available")
     elif device.type != "cpu":
-        raise ValueError(
-            f"unsupported device {preference!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-        )
+        raise ValueError(f"unsupported device {preference!r}; expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return device
 
 
@@ -176,7 +170,7 @@ def resolve_model_name(name_or_path: str | os.PathLike[str] | None = None) -> st
         return _default_model_path()
     name = os.fspath(name_or_path).strip()
     if not name:
-        raise ValueError("model name must not be empty (use None for the default model)")
+        raise ValueError("model name must not be empty (leave out --model for the default model, all-MiniLM-L6-v2)")
     if name.lower() in DEFAULT_MODEL_ALIASES:
         return _default_model_path()
     path = Path(name).expanduser()
@@ -193,28 +187,6 @@ def _looks_like_path(name: str) -> bool:
         or name.count("/") > 1
         or (len(name) > 1 and name[1] == ":")  # Windows drive
     )
-
-
-def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """Quick TCP probe of the hub endpoint (transformers itself retries for ~45 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return False
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover - huggingface_hub ships with transformers
-        return False
-    parsed = urlparse(endpoint)
-    host = parsed.hostname
-    if not host:
-        return False
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _from_pretrained(loader: Any, name: str, local_only: bool, **kwargs: Any) -> Any:
@@ -270,9 +242,7 @@ def load_model_and_tokenizer(
         tokenizer = _from_pretrained(AutoTokenizer, name, local_only)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _from_pretrained(
-                AutoModelForSequenceClassification, name, local_only, num_labels=num_labels
-            )
+            model = _from_pretrained(AutoModelForSequenceClassification, name, local_only, num_labels=num_labels)
         return model, tokenizer
 
     verbosity = hf_logging.get_verbosity()
@@ -288,11 +258,11 @@ def load_model_and_tokenizer(
                     f"model {name!r}: the folder exists but could not be loaded "
                     f"({type(local_exc).__name__}: {_first_line(local_exc)})"
                 ) from None
-            if not _hub_reachable():
+            if not hub_reachable():
                 raise ValueError(
                     f"model {name!r} not found locally and the hub cannot be reached "
                     "(offline?); pass a local folder, pre-populate the Hugging Face cache, "
-                    "or use the default model (None)"
+                    "or leave out --model for the default model (all-MiniLM-L6-v2, installed with fedtune)"
                 ) from None
             try:
                 model, tokenizer = load(local_only=False)
@@ -370,16 +340,12 @@ class LoraSettings:
             if value is None:
                 continue
             if isinstance(value, str) or not isinstance(value, (tuple, list)):
-                raise ValueError(
-                    f"LoRA {field_name} must be a tuple of module names or None, got {value!r}"
-                )
+                raise ValueError(f"LoRA {field_name} must be a tuple of module names or None, got {value!r}")
             names = tuple(value)
             if (field_name == "target_modules" and not names) or not all(
                 isinstance(n, str) and n.strip() for n in names
             ):
-                raise ValueError(
-                    f"LoRA {field_name} must be non-empty module names, got {value!r}"
-                )
+                raise ValueError(f"LoRA {field_name} must be non-empty module names, got {value!r}")
             object.__setattr__(self, field_name, names)
 
 
@@ -456,11 +422,7 @@ def build_peft_model(base_model: nn.Module, lora: LoraSettings, *, seed: int = 0
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = lora.target_modules or default_lora_targets(base_model)
-    heads = (
-        lora.modules_to_save
-        if lora.modules_to_save is not None
-        else default_modules_to_save(base_model)
-    )
+    heads = lora.modules_to_save if lora.modules_to_save is not None else default_modules_to_save(base_model)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.rank,
@@ -566,9 +528,7 @@ def set_trainable_state(model: nn.Module, state: Mapping[str, Any]) -> None:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"state[{key!r}] is a {type(value).__name__}, expected a tensor")
         if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(
-                f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
-            )
+            raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         if not value.is_floating_point():
             raise ValueError(f"state[{key!r}] has dtype {value.dtype}, expected a float tensor")
         if not bool(torch.isfinite(value).all()):

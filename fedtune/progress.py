@@ -37,8 +37,10 @@ def format_rate_line(report: StepProgress) -> str:
     eta_text = "-" if not math.isfinite(eta) else f"{int(eta // 60)}m{int(eta % 60):02d}s"
     pad = report.padding_efficiency
     pad_text = "-" if not math.isfinite(pad) else f"{pad:.0%}"
-    return (f"{report.step}/{report.total_steps} steps, {report.examples_per_second:.0f} ex/s, "
-            f"padding efficiency {pad_text}, {report.seconds:.0f}s, ETA {eta_text}")
+    return (
+        f"{report.step}/{report.total_steps} steps, {report.examples_per_second:.0f} ex/s, "
+        f"padding efficiency {pad_text}, {report.seconds:.0f}s, ETA {eta_text}"
+    )
 
 
 class TrainingProgress:
@@ -59,8 +61,16 @@ class TrainingProgress:
         Without a bar, log a line at most this often during the round (and always at its end).
     """
 
-    def __init__(self, label: str, total_steps: int, *, epsilon_before: float | None = None,
-                 epsilon_after: float | None = None, terminal: bool | None = None, log_seconds: float = 300.0) -> None:
+    def __init__(
+        self,
+        label: str,
+        total_steps: int,
+        *,
+        epsilon_before: float | None = None,
+        epsilon_after: float | None = None,
+        terminal: bool | None = None,
+        log_seconds: float = 300.0,
+    ) -> None:
         self.label = label
         self.total_steps = total_steps
         self.epsilon_before = epsilon_before
@@ -88,8 +98,11 @@ class TrainingProgress:
             self._bar.update(report.step - previous)
             pad = report.padding_efficiency
             self._bar.set_postfix_str(
-                f"{report.examples_per_second:.0f} ex/s, pad {pad:.0%}, {self.epsilon_text}" if math.isfinite(pad)
-                else f"{report.examples_per_second:.0f} ex/s, {self.epsilon_text}", refresh=False)
+                f"{report.examples_per_second:.0f} ex/s, pad {pad:.0%}, {self.epsilon_text}"
+                if math.isfinite(pad)
+                else f"{report.examples_per_second:.0f} ex/s, {self.epsilon_text}",
+                refresh=False,
+            )
             return
         now = time.monotonic()
         if report.step < report.total_steps and now - self._last_log >= self.log_seconds:

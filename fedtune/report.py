@@ -31,8 +31,20 @@ def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
     return atomic_write_json(path, summary)
 
 
-def plot_rounds(path: str | Path, rounds: list[dict[str, Any]], *, metric: str, title: str) -> Path:
-    """Accuracy (or the task metric) and certified epsilon per round, as a PNG."""
+def plot_rounds(
+    path: str | Path,
+    rounds: list[dict[str, Any]],
+    *,
+    metric: str,
+    title: str,
+    majority: float | None = None,
+    epsilon_target: float | None = None,
+) -> Path:
+    """Accuracy (or the task metric) and certified epsilon per round, as a PNG.
+
+    ``majority`` draws the majority-class rate (what a model that learned nothing scores) and
+    ``epsilon_target`` the privacy budget, as dotted lines.
+    """
     import matplotlib
     import matplotlib.ticker
 
@@ -46,11 +58,25 @@ def plot_rounds(path: str | Path, rounds: list[dict[str, Any]], *, metric: str, 
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(metric, color="tab:blue")
     ax.grid(alpha=0.3)
+    if majority is not None and math.isfinite(majority) and metric == "accuracy":
+        ax.axhline(majority, color="tab:gray", linestyle=":", label=f"majority class {majority:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
     eps = [float(r.get("epsilon_certified", math.nan)) for r in rounds]  # "inf" read back from JSON too
     if any(math.isfinite(e) for e in eps):
         ax2 = ax.twinx()
         ax2.plot(xs, eps, "s--", color="tab:red", label="epsilon (certified, max over clients)")
         ax2.set_ylabel("epsilon (certified, max over clients)", color="tab:red")
+        if epsilon_target is not None and math.isfinite(epsilon_target):
+            ax2.axhline(epsilon_target, color="tab:red", linestyle=":", alpha=0.6)
+            ax2.annotate(
+                f"budget {epsilon_target:g}",
+                (xs[0], epsilon_target),
+                color="tab:red",
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(2, 3),
+            )
+            ax2.set_ylim(0, max(epsilon_target, max(e for e in eps if math.isfinite(e))) * 1.1)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -64,19 +90,42 @@ def format_summary(summary: dict[str, Any]) -> str:
     metric = summary.get("metric", "accuracy")
     lines = [f"{'round':>5}  {metric:>10}  {'epsilon (certified)':>20}  {'seconds':>8}"]
     for r in summary["rounds"]:
-        lines.append(f"{r['round']:>5}  {r.get(metric, math.nan):>10.4f}  {_fmt(r.get('epsilon_certified')):>20}  {r.get('seconds', 0.0):>8.1f}")
+        lines.append(
+            f"{r['round']:>5}  {r.get(metric, math.nan):>10.4f}  {_fmt(r.get('epsilon_certified')):>20}  {r.get('seconds', 0.0):>8.1f}"
+        )
     lines.append("")
     mixes = {str(s["client"]): s["label_counts"] for s in summary.get("partition", {}).get("shards", [])}
-    lines.append(f"{'client':>6}  {'examples':>8}  {'steps':>6}  {'epsilon (estimate)':>18}  {'epsilon (certified)':>19}  labels")
+    lines.append(
+        f"{'client':>6}  {'examples':>8}  {'q':>7}  {'sigma':>7}  {'steps':>6}  {'epsilon (estimate)':>18}  "
+        f"{'epsilon (certified)':>19}  labels"
+    )
     for c in summary["clients"]:
         mix = " ".join(f"{k}:{v}" for k, v in mixes.get(str(c["id"]), {}).items())
-        lines.append(f"{c['id']:>6}  {c['examples']:>8}  {c['steps']:>6}  {_fmt(c['epsilon']):>18}  {_fmt(c['epsilon_certified']):>19}  {mix}")
+        q, sigma = c.get("sampling_rate"), c.get("noise_multiplier")
+        lines.append(
+            f"{c['id']:>6}  {c['examples']:>8}  {_num(q):>7}  {_num(sigma):>7}  {c['steps']:>6}  {_fmt(c['epsilon']):>18}  "
+            f"{_fmt(c['epsilon_certified']):>19}  {mix}"
+        )
+    lines.append(
+        "(q: Poisson sampling rate B/N; sigma: noise multiplier, 0 = no DP; steps: DP-SGD steps over all rounds)"
+    )
     lines.append("")
-    lines.append(f"composed record-level epsilon (max over clients, certified, delta {summary['delta']:g}): {_fmt(summary['composed_epsilon'])}")
+    lines.append(
+        f"composed record-level epsilon (max over clients, certified, delta {summary['delta']:g}): {_fmt(summary['composed_epsilon'])}"
+    )
     lines.append(f"final {metric}: {summary['final_accuracy']:.4f}   total time: {summary['seconds']:.1f} s")
+    majority = summary.get("majority_class_rate")
+    if isinstance(majority, (int, float)) and math.isfinite(majority) and metric == "accuracy":
+        lines.append(f"majority-class rate of the evaluation split: {majority:.4f} (a model that learned nothing)")
+    if summary.get("stop_reason"):
+        lines.append(f"stopped early: {summary['stop_reason']}")
     for note in summary.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.4g}"
 
 
 def _fmt(value: Any) -> str:

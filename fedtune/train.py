@@ -113,7 +113,12 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
 
 
 def _check_float(
-    name: str, value: Any, low: float, *, low_inclusive: bool, high: float | None = None,
+    name: str,
+    value: Any,
+    low: float,
+    *,
+    low_inclusive: bool,
+    high: float | None = None,
     high_inclusive: bool = False,
 ) -> None:
     ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
@@ -204,17 +209,13 @@ class TrainConfig:
         if self.noise_multiplier is not None:
             _check_float("noise_multiplier", self.noise_multiplier, 0.0, low_inclusive=True)
         if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {self.optimizer!r}"
-            )
+            raise ValueError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {self.optimizer!r}")
         _check_float("weight_decay", self.weight_decay, 0.0, low_inclusive=True)
         _check_float("momentum", self.momentum, 0.0, low_inclusive=True, high=1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.dp_randomness not in _DP_RANDOMNESS:
-            raise ValueError(
-                f"dp_randomness must be one of {', '.join(_DP_RANDOMNESS)}, got {self.dp_randomness!r}"
-            )
+            raise ValueError(f"dp_randomness must be one of {', '.join(_DP_RANDOMNESS)}, got {self.dp_randomness!r}")
         _check_int("log_every", self.log_every, 1)
         if self.physical_batch_size is not None:
             _check_int("physical_batch_size", self.physical_batch_size, 1)
@@ -348,8 +349,7 @@ class EmptySafeCollator:
         if len(examples) > 0:
             return self.collator(examples)
         return {
-            c: torch.zeros((0,) if c in ("labels", "label_ids") else (0, 0), dtype=torch.long)
-            for c in self.columns
+            c: torch.zeros((0,) if c in ("labels", "label_ids") else (0, 0), dtype=torch.long) for c in self.columns
         }
 
 
@@ -386,9 +386,7 @@ def poisson_loader(
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     _check_float("sample_rate", sample_rate, 0.0, low_inclusive=False, high=1.0, high_inclusive=True)
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(dataset), sample_rate=sample_rate, generator=generator
-    )
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -400,9 +398,7 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
     """The (non-private) optimizer named by ``config.optimizer``."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    return torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def attach_dp(
@@ -654,7 +650,7 @@ def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Genera
     while True:
         order = torch.randperm(num_examples, generator=generator).numpy()
         for start in range(0, num_examples, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
 def as_packed(train_dataset: Any, collator: Any) -> PackedDataset:
@@ -670,13 +666,18 @@ def as_packed(train_dataset: Any, collator: Any) -> PackedDataset:
     return pack_dataset(train_dataset, tokenizer)
 
 
-def resolve_physical_batch_size(config: TrainConfig, model: nn.Module, data: PackedDataset, device: torch.device) -> int:
+def resolve_physical_batch_size(
+    config: TrainConfig, model: nn.Module, data: PackedDataset, device: torch.device
+) -> int:
     """``config.physical_batch_size``, or the automatic choice for this model, data and device."""
     if config.physical_batch_size is not None:
         return min(config.physical_batch_size, max(1, len(data)))
     model_config = getattr(_unwrap(model), "config", None)
     return auto_physical_batch_size(
-        model_config, max(1, data.max_length), device, logical_batch_size=max(1, len(data)),
+        model_config,
+        max(1, data.max_length),
+        device,
+        logical_batch_size=max(1, len(data)),
         element_bytes=2 if config.precision == "bf16" else 4,
     )
 
@@ -726,7 +727,9 @@ class MemoryGuard:
         self.steps += 1
         if self.steps <= self.warmup_steps:
             self.working_set = max(self.working_set, rss)
-            if self.steps == self.warmup_steps:  # start from a clean heap: fragmentation of the warm-up is not working set
+            if (
+                self.steps == self.warmup_steps
+            ):  # start from a clean heap: fragmentation of the warm-up is not working set
                 release_memory(collect=False)
         elif rss > self.working_set + self.slack_bytes:
             release_memory(collect=False)
@@ -840,8 +843,14 @@ def train_local(
     )
     logger.debug(
         "training %d steps, %s, logical batch %d in micro-batches of <= %d, N=%d, %s lr=%g, %s",
-        config.steps, mode, config.batch_size, physical, num_examples, config.optimizer,
-        config.learning_rate, config.precision,
+        config.steps,
+        mode,
+        config.batch_size,
+        physical,
+        num_examples,
+        config.optimizer,
+        config.learning_rate,
+        config.precision,
     )
 
     loss_sum, examples_seen, empty_batches, real_tokens, computed_tokens = 0.0, 0, 0, 0, 0
@@ -866,17 +875,19 @@ def train_local(
                 del micro
                 memory_guard()
                 if progress is not None and (step % config.log_every == 0 or step == config.steps):
-                    progress(StepProgress(
-                        step=step,
-                        total_steps=config.steps,
-                        batch_size=size,
-                        loss=step_loss / size if size else None,
-                        mean_loss=loss_sum / examples_seen if examples_seen else math.nan,
-                        seconds=time.perf_counter() - start,
-                        examples_seen=examples_seen,
-                        real_tokens=real_tokens,
-                        computed_tokens=computed_tokens,
-                    ))
+                    progress(
+                        StepProgress(
+                            step=step,
+                            total_steps=config.steps,
+                            batch_size=size,
+                            loss=step_loss / size if size else None,
+                            mean_loss=loss_sum / examples_seen if examples_seen else math.nan,
+                            seconds=time.perf_counter() - start,
+                            examples_seen=examples_seen,
+                            real_tokens=real_tokens,
+                            computed_tokens=computed_tokens,
+                        )
+                    )
     finally:
         if grad_sample_module is not None:
             dp_optimizer.zero_grad(set_to_none=True)

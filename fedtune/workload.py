@@ -1,8 +1,13 @@
 """Everything one process needs for a run, built once and cached: data, shards, tokenizer, model.
 
 Simulated clients run in Ray worker processes that serve many rounds (and several clients): the
-tokenized data and the pretrained weights are loaded once per process, and every round trains a fresh
-copy of the model (so Opacus hooks never pile up).
+tokenized data and the pretrained weights are loaded once per process (:func:`get_workload`), and
+each process trains one model in place.
+
+In a deployment each machine holds only its own data (a client its shard, the server the
+evaluation split); it builds the same model with :func:`build_template` (same settings, same seed)
+and plans its rounds with :func:`local_plan`, so the weights exchanged have the same keys and shapes
+and the privacy plan is the simulation's.
 """
 
 from __future__ import annotations
@@ -16,9 +21,39 @@ from typing import Any
 
 from fedtune.config import RunConfig
 
-__all__ = ["Workload", "get_workload"]
+__all__ = ["Workload", "build_template", "cache_key", "get_workload", "local_plan"]
 
 log = logging.getLogger(__name__)
+
+
+def build_template(config: RunConfig, num_labels: int) -> tuple[Any, Any]:
+    """The peft model (adapter and head at their seeded initial values) and its tokenizer."""
+    from fedtune.model import LoraSettings, build_peft_model, load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer(config.model, num_labels, seed=config.seed)
+    targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()) or None
+    lora = LoraSettings(
+        rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets
+    )
+    return build_peft_model(base, lora, seed=config.seed), tokenizer
+
+
+def local_plan(config: RunConfig, examples: int) -> tuple[float, int]:
+    """Poisson rate ``q = min(1, B / N)`` and optimizer steps per round for a shard of ``examples``.
+
+    A shard smaller than the batch size trains on all of its examples at every step (``q = 1``: no
+    amplification by subsampling; the accountants handle it exactly). Steps per round are
+    ``ceil(local_epochs * N / B)`` unless ``local_steps`` is set. Used by the simulated clients
+    and the deployed ones alike.
+    """
+    if examples < 1:
+        raise ValueError(f"a client needs at least 1 training example, got {examples}")
+    steps = (
+        config.local_steps
+        if config.local_steps is not None
+        else max(1, math.ceil(config.local_epochs * examples / config.batch_size))
+    )
+    return min(1.0, config.batch_size / examples), steps
 
 
 @dataclass
@@ -39,22 +74,23 @@ class Workload:
     @classmethod
     def build(cls, config: RunConfig) -> Workload:
         from fedtune.data import load_glue, make_collator, parse_partition_spec, partition_dataset
-        from fedtune.model import LoraSettings, build_peft_model, load_model_and_tokenizer
 
         data = load_glue(
-            config.task, config.data_dir, seed=config.seed,
-            max_train_examples=config.max_train_examples, max_eval_examples=config.max_eval_examples,
+            config.task,
+            config.data_dir,
+            seed=config.seed,
+            max_train_examples=config.max_train_examples,
+            max_eval_examples=config.max_eval_examples,
         )
         spec = parse_partition_spec(config.partition)
         alpha = spec.alpha if spec.alpha is not None else config.alpha
         if config.clients == 1:
             shards = [data.train]
         else:
-            shards = partition_dataset(data.train, config.clients, spec.scheme, alpha, config.seed, min_partition_size=config.min_shard_size)
-        base, tokenizer = load_model_and_tokenizer(config.model, data.spec.num_labels, seed=config.seed)
-        targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()) or None
-        lora = LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets)
-        template = build_peft_model(base, lora, seed=config.seed)
+            shards = partition_dataset(
+                data.train, config.clients, spec.scheme, alpha, config.seed, min_partition_size=config.min_shard_size
+            )
+        template, tokenizer = build_template(config, data.spec.num_labels)
         return cls(config, data, shards, tokenizer, make_collator(tokenizer), template)
 
     def new_model(self) -> Any:
@@ -86,7 +122,9 @@ class Workload:
         if not 0 <= partition_id < len(self.shards):
             raise ValueError(f"partition id must be in [0, {len(self.shards) - 1}], got {partition_id!r}")
         if partition_id not in self._tokenized:
-            self._tokenized[partition_id] = tokenize_dataset(self.shards[partition_id], self.tokenizer, self.data.spec, self.config.max_length)
+            self._tokenized[partition_id] = tokenize_dataset(
+                self.shards[partition_id], self.tokenizer, self.data.spec, self.config.max_length
+            )
         return self._tokenized[partition_id]
 
     def eval_set(self) -> Any:
@@ -98,15 +136,11 @@ class Workload:
         return self._eval
 
     def steps_per_round(self, partition_id: int) -> int:
-        """Local optimizer steps per round for a client (:func:`fedtune.standalone.local_plan`)."""
-        from fedtune.standalone import local_plan
-
+        """Local optimizer steps per round for a client (:func:`local_plan`)."""
         return local_plan(self.config, len(self.shards[partition_id]))[1]
 
     def sampling_rate(self, partition_id: int) -> float:
-        """Poisson rate q = min(1, B / N) of a client (:func:`fedtune.standalone.local_plan`)."""
-        from fedtune.standalone import local_plan
-
+        """Poisson rate q = min(1, B / N) of a client (:func:`local_plan`)."""
         return local_plan(self.config, len(self.shards[partition_id]))[0]
 
     def batch_size(self, partition_id: int) -> int:
@@ -114,10 +148,38 @@ class Workload:
         return min(self.config.batch_size, len(self.shards[partition_id]))
 
 
-def _data_key(config: RunConfig) -> RunConfig:
-    # settings that do not change data or model share one workload
-    return config.replace(rounds=1, epsilon=math.inf, out="", learning_rate=1.0, max_grad_norm=1.0, local_steps=None, local_epochs=1.0, accountant="saddlepoint", cpus_per_client=1.0, gpus_per_client=0.0, ray_address=None,
-                          physical_batch_size=None, precision="fp32")
+#: RunConfig fields that decide the model a process builds and how its text is tokenized.
+MODEL_FIELDS: tuple[str, ...] = (
+    "task",
+    "model",
+    "seed",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "max_length",
+)
+#: RunConfig fields that decide, with :data:`MODEL_FIELDS`, the data a simulation loads and splits.
+DATA_FIELDS: tuple[str, ...] = (
+    "data_dir",
+    "clients",
+    "partition",
+    "alpha",
+    "min_shard_size",
+    "max_train_examples",
+    "max_eval_examples",
+)
+
+
+def cache_key(config: RunConfig, *, data: bool = True) -> RunConfig:
+    """The settings that decide what a process builds once and reuses (everything else at its default).
+
+    Runs that differ only in training or privacy settings (rounds, epsilon, learning rate, batch
+    size, ...) share one cached model and dataset. ``data=False``: the model only (a deployed
+    client, whose data is its own shard file).
+    """
+    keep = MODEL_FIELDS + (DATA_FIELDS if data else ())
+    return RunConfig(**{name: getattr(config, name) for name in keep})
 
 
 @lru_cache(maxsize=4)
@@ -127,7 +189,7 @@ def _cached(key: RunConfig) -> Workload:
 
 def get_workload(config: RunConfig) -> Workload:
     """The process-wide :class:`Workload` for ``config`` (built on first use)."""
-    workload = _cached(_data_key(config))
+    workload = _cached(cache_key(config))
     if workload.config != config:
         workload = copy.copy(workload)
         workload.config = config

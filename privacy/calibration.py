@@ -110,7 +110,9 @@ def smallest_sigma(
     SubsampledGaussianEvent(sampling_rate, 1.0, steps)  # validates q and steps
 
     def excess(log_sigma: float) -> float:
-        return accountant.get_epsilon(_compose(spent, sampling_rate, math.exp(log_sigma), steps), delta) - target_epsilon
+        return (
+            accountant.get_epsilon(_compose(spent, sampling_rate, math.exp(log_sigma), steps), delta) - target_epsilon
+        )
 
     lo = hi = math.log(start)
     if excess(hi) > 0:
@@ -181,20 +183,37 @@ def calibrate_noise(
     eps_est = acc.get_epsilon(_compose(spent, sampling_rate, sigma_est, steps), delta)
     if not certify:
         log.warning("noise calibrated with %s without certification: epsilon %.4g is an estimate", acc.name, eps_est)
-        return Calibration(sigma_est, sigma_est, eps_est, None, target_epsilon, delta, sampling_rate, steps, acc.name, None, False)
+        return Calibration(
+            sigma_est, sigma_est, eps_est, None, target_epsilon, delta, sampling_rate, steps, acc.name, None, False
+        )
     cert = certifier()
     sigma = sigma_est
     certified_eps = cert.get_epsilon(_compose(spent, sampling_rate, sigma, steps), delta)
     if certified_eps > target_epsilon:
-        sigma = smallest_sigma(cert, target_epsilon, delta, sampling_rate, steps, spent=spent, start=sigma_est, rtol=1e-3)
+        sigma = smallest_sigma(
+            cert, target_epsilon, delta, sampling_rate, steps, spent=spent, start=sigma_est, rtol=1e-3
+        )
         certified_eps = cert.get_epsilon(_compose(spent, sampling_rate, sigma, steps), delta)
         log.info(
             "%s asked for sigma = %.4f but the certified bound needs %.4f (pld epsilon %.4f)",
-            acc.name, sigma_est, sigma, certified_eps,
+            acc.name,
+            sigma_est,
+            sigma,
+            certified_eps,
         )
     if certified_eps > target_epsilon * (1 + 1e-9):
         raise AccountingError(f"certification failed: pld epsilon {certified_eps:.6g} > target {target_epsilon:g}")
     eps_at_sigma = acc.get_epsilon(_compose(spent, sampling_rate, sigma, steps), delta)
     return Calibration(
-        sigma, sigma_est, eps_at_sigma, certified_eps, target_epsilon, delta, sampling_rate, steps, acc.name, cert.name, True
+        sigma,
+        sigma_est,
+        eps_at_sigma,
+        certified_eps,
+        target_epsilon,
+        delta,
+        sampling_rate,
+        steps,
+        acc.name,
+        cert.name,
+        True,
     )

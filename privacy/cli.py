@@ -7,13 +7,14 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from fedtune.privacy.accountants import AccountingError, available_accountants, get_accountant
 from fedtune.privacy.calibration import DEFAULT_ACCOUNTANT, calibrate_noise, certifier, smallest_sigma
 from fedtune.privacy.events import SubsampledGaussianEvent, check_delta, check_epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 
-__all__ = ["add_privacy_parser"]
+__all__ = ["add_parsers"]
 
 
 def _accountant_list(value: str) -> list[str]:
@@ -21,7 +22,7 @@ def _accountant_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def add_privacy_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``privacy epsilon|calibrate|ledger`` to the ``fedtune`` command."""
     privacy = subparsers.add_parser("privacy", help="privacy accounting: epsilon, noise calibration, ledgers")
     sub = privacy.add_subparsers(dest="privacy_command", required=True)
@@ -40,8 +41,15 @@ def add_privacy_parser(subparsers: argparse._SubParsersAction) -> None:  # type:
     cal.add_argument("--delta", type=float, required=True, help="delta in (0, 1)")
     cal.add_argument("--q", type=float, required=True, help="Poisson sampling rate in (0, 1]")
     cal.add_argument("--steps", type=int, required=True, help="number of steps >= 1")
-    cal.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, help=f"calibrating accountant (default {DEFAULT_ACCOUNTANT})")
-    cal.add_argument("--accountants", type=_accountant_list, default=None, help="accountants for the per-accountant table (default: all)")
+    cal.add_argument(
+        "--accountant", default=DEFAULT_ACCOUNTANT, help=f"calibrating accountant (default {DEFAULT_ACCOUNTANT})"
+    )
+    cal.add_argument(
+        "--accountants",
+        type=_accountant_list,
+        default=None,
+        help="accountants for the per-accountant table (default: all)",
+    )
     cal.add_argument("--json", action="store_true", help="machine-readable output")
     cal.set_defaults(handler=_calibrate)
 
@@ -79,12 +87,38 @@ def _epsilon(args: argparse.Namespace) -> int:
             error = None
         except (AccountingError, OverflowError) as err:
             eps, error = None, str(err)
-        rows.append({"name": name, "epsilon": eps, "kind": acc.kind, "seconds": time.perf_counter() - start, **({"error": error} if error else {})})
+        rows.append(
+            {
+                "name": name,
+                "epsilon": eps,
+                "kind": acc.kind,
+                "seconds": time.perf_counter() - start,
+                **({"error": error} if error else {}),
+            }
+        )
     if args.json:
-        print(json.dumps({"q": event.sampling_rate, "sigma": event.noise_multiplier, "steps": event.steps, "delta": delta, "accountants": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "q": event.sampling_rate,
+                    "sigma": event.noise_multiplier,
+                    "steps": event.steps,
+                    "delta": delta,
+                    "accountants": rows,
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"epsilon at delta = {delta:g} for q = {event.sampling_rate:g}, sigma = {event.noise_multiplier:g}, steps = {event.steps}")
-        print(_table(["accountant", "epsilon", "kind", "seconds"], [[r["name"], r["epsilon"], r["kind"], r["seconds"]] for r in rows]))
+        print(
+            f"epsilon at delta = {delta:g} for q = {event.sampling_rate:g}, sigma = {event.noise_multiplier:g}, steps = {event.steps}"
+        )
+        print(
+            _table(
+                ["accountant", "epsilon", "kind", "seconds"],
+                [[r["name"], r["epsilon"], r["kind"], r["seconds"]] for r in rows],
+            )
+        )
         print("upper-bound: a certified guarantee; estimate: an approximation with no certified error bound.")
     return 0
 
@@ -99,30 +133,69 @@ def _calibrate(args: argparse.Namespace) -> int:
     for name in args.accountants or available_accountants():
         try:
             sigma = smallest_sigma(get_accountant(name), target, delta, args.q, args.steps)
-            per.append({"name": name, "sigma": sigma, "certified_epsilon": cert.get_epsilon(SubsampledGaussianEvent(args.q, sigma, args.steps), delta)})
+            per.append(
+                {
+                    "name": name,
+                    "sigma": sigma,
+                    "certified_epsilon": cert.get_epsilon(SubsampledGaussianEvent(args.q, sigma, args.steps), delta),
+                }
+            )
         except (AccountingError, OverflowError) as err:
             per.append({"name": name, "sigma": None, "certified_epsilon": None, "error": str(err)})
     if args.json:
-        print(json.dumps({
-            "epsilon": target, "delta": delta, "q": args.q, "steps": args.steps,
-            "sigma": chosen.sigma, "sigma_estimate": chosen.sigma_estimate, "accountant": chosen.accountant,
-            "certified_epsilon": chosen.certified_epsilon, "per_accountant": per,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "epsilon": target,
+                    "delta": delta,
+                    "q": args.q,
+                    "steps": args.steps,
+                    "sigma": chosen.sigma,
+                    "sigma_estimate": chosen.sigma_estimate,
+                    "accountant": chosen.accountant,
+                    "certified_epsilon": chosen.certified_epsilon,
+                    "per_accountant": per,
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"noise multiplier for epsilon = {target:g}, delta = {delta:g}, q = {args.q:g}, steps = {args.steps}")
-        print(_table(["accountant", "sigma", "certified epsilon (pld)"], [[p["name"], p["sigma"], p["certified_epsilon"]] for p in per]))
+        print(
+            _table(
+                ["accountant", "sigma", "certified epsilon (pld)"],
+                [[p["name"], p["sigma"], p["certified_epsilon"]] for p in per],
+            )
+        )
         verdict = "meets" if chosen.certified_epsilon is not None and chosen.certified_epsilon <= target else "MISSES"
         print(
             f"\nchosen: sigma = {chosen.sigma:.4f} ({chosen.accountant} asked for {chosen.sigma_estimate:.4f}; "
             f"certified pld epsilon {chosen.certified_epsilon:.4f} {verdict} the target)"
         )
-        over = [p["name"] for p in per if p["certified_epsilon"] is not None and p["certified_epsilon"] > target * (1 + 1e-6)]
+        over = [
+            p["name"]
+            for p in per
+            if p["certified_epsilon"] is not None and p["certified_epsilon"] > target * (1 + 1e-6)
+        ]
         if over:
-            print(f"warning: the sigma asked for by {', '.join(over)} does NOT meet the target under the certified bound")
+            print(
+                f"warning: the sigma asked for by {', '.join(over)} does NOT meet the target under the certified bound"
+            )
     return 0
 
 
+def _ledger_path(path: str) -> Path:
+    """``path`` itself, or the ledger.json of a run (or client state) folder."""
+    given = Path(path)
+    if given.is_dir():
+        if (given / "ledger.json").is_file():
+            return given / "ledger.json"
+        raise ValueError(f"{path} is a folder without a ledger.json; pass a ledger file or the --out folder of a run")
+    return given  # PrivacyLedger.load says if it is missing
+
+
 def _ledger(args: argparse.Namespace) -> int:
+    args.path = str(_ledger_path(args.path))
     ledger = PrivacyLedger.load(args.path)
     if args.delta is not None:
         ledger.delta = check_delta(args.delta)
@@ -131,11 +204,26 @@ def _ledger(args: argparse.Namespace) -> int:
     composed = ledger.composed_epsilon()
     client_level = ledger.client_level_epsilon()
     if args.json:
-        print(json.dumps({"delta": ledger.delta, "accountant": name, "clients": rows, "composed_epsilon": composed, "client_level_epsilon": client_level}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "delta": ledger.delta,
+                    "accountant": name,
+                    "clients": rows,
+                    "composed_epsilon": composed,
+                    "client_level_epsilon": client_level,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"privacy ledger {args.path}: {len(rows)} clients, delta = {ledger.delta:g}")
-    print(_table(["client", "rounds", "steps", "examples", f"epsilon ({name})", "epsilon (certified)"],
-                 [[r["id"], r["rounds"], r["steps"], r["examples"], r["epsilon"], r["epsilon_certified"]] for r in rows]))
+    print(
+        _table(
+            ["client", "rounds", "steps", "examples", f"epsilon ({name})", "epsilon (certified)"],
+            [[r["id"], r["rounds"], r["steps"], r["examples"], r["epsilon"], r["epsilon_certified"]] for r in rows],
+        )
+    )
     print(f"\ncomposed record-level epsilon (max over clients, certified): {composed:.4f}")
     if client_level is not None:
         print(f"client-level epsilon (server noise, certified): {client_level:.4f}")

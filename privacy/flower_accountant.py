@@ -109,7 +109,10 @@ class FlowerPrivacyAccountant:
         """Cumulative spend at ``delta`` (default: the configured target delta)."""
         delta = self._config.target_delta if delta is None else delta
         return PrivacySpent(
-            epsilon=self.get_epsilon(delta), delta=delta, num_releases=self.num_releases, accounting_method=self._accountant.name
+            epsilon=self.get_epsilon(delta),
+            delta=delta,
+            num_releases=self.num_releases,
+            accounting_method=self._accountant.name,
         )
 
     def would_exceed(self, event: GaussianPrivacyEvent, max_epsilon: float | None = None, count: int = 1) -> bool:
@@ -130,7 +133,12 @@ class FlowerPrivacyAccountant:
             "schema": _STATE_SCHEMA,
             "accountant": self._accountant.name,
             "events": [
-                {"noise_multiplier": e.noise_multiplier, "sample_size": e.sample_size, "population_size": e.population_size, "count": c}
+                {
+                    "noise_multiplier": e.noise_multiplier,
+                    "sample_size": e.sample_size,
+                    "population_size": e.population_size,
+                    "count": c,
+                }
                 for e, c in self._events
             ],
         }
@@ -141,7 +149,9 @@ class FlowerPrivacyAccountant:
             raise ValueError(f"not a fedtune Flower accountant state (schema {_STATE_SCHEMA!r} expected)")
         events = []
         for raw in state["events"]:  # type: ignore[union-attr]
-            event = GaussianPrivacyEvent(float(raw["noise_multiplier"]), int(raw["sample_size"]), int(raw["population_size"]))
+            event = GaussianPrivacyEvent(
+                float(raw["noise_multiplier"]), int(raw["sample_size"]), int(raw["population_size"])
+            )
             self._to_event(event, int(raw["count"]))
             events.append((event, int(raw["count"])))
         self._events = events

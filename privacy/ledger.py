@@ -17,7 +17,6 @@ needs noise added by the server (DP-FedAvg). Server events are kept separately
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import math
 import threading
@@ -75,7 +74,12 @@ class LedgerEntry:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> LedgerEntry:
         try:
-            return cls(str(data["client_id"]), int(data["round"]), SubsampledGaussianEvent.from_dict(data), int(data["examples"]))  # type: ignore[arg-type]
+            return cls(
+                str(data["client_id"]),
+                int(data["round"]),
+                SubsampledGaussianEvent.from_dict(data),
+                int(data["examples"]),
+            )  # type: ignore[arg-type]
         except KeyError as err:
             raise ValueError(f"ledger entry is missing the field {err.args[0]!r}: {data!r}") from None
 
@@ -136,7 +140,9 @@ class PrivacyLedger:
 
     # -- persistence -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, delta: float, budget: float = math.inf, accountant: str = DEFAULT_ACCOUNTANT) -> PrivacyLedger:
+    def open(
+        cls, path: str | Path, delta: float, budget: float = math.inf, accountant: str = DEFAULT_ACCOUNTANT
+    ) -> PrivacyLedger:
         """Load the ledger at ``path`` if it exists, else start an empty one there."""
         path = Path(path)
         if path.exists():
@@ -154,7 +160,12 @@ class PrivacyLedger:
         data = read_json(path)
         if not isinstance(data, dict) or data.get("schema") != LEDGER_SCHEMA:
             raise ValueError(f"{path} is not a fedtune privacy ledger (schema {LEDGER_SCHEMA!r} expected)")
-        ledger = cls(path, data["delta"], math.inf if data.get("budget") is None else data["budget"], data.get("accountant", DEFAULT_ACCOUNTANT))
+        ledger = cls(
+            path,
+            data["delta"],
+            math.inf if data.get("budget") is None else data["budget"],
+            data.get("accountant", DEFAULT_ACCOUNTANT),
+        )
         for raw in data.get("entries", []):
             entry = LedgerEntry.from_dict(raw)
             ledger._entries[entry.key] = entry
@@ -275,7 +286,9 @@ class PrivacyLedger:
         if after > budget:
             spent = 0.0 if comp is None else certifier().get_epsilon(comp, self.delta)
             return BudgetCheck(
-                False, after, budget,
+                False,
+                after,
+                budget,
                 f"client {client_id!r} has spent epsilon {spent:.4g} (certified, delta {self.delta:g}); the planned "
                 f"{planned.steps} steps at q = {planned.sampling_rate:.4g}, sigma = {planned.noise_multiplier:.4g} would "
                 f"bring it to {after:.4g} > budget {budget:g}",
@@ -289,14 +302,16 @@ class PrivacyLedger:
             comp = self.composition(client)
             assert comp is not None  # clients only lists clients with entries
             entries = [e for e in self if e.client_id == client]
-            rows.append({
-                "id": client,
-                "rounds": len(entries),
-                "steps": comp.steps,
-                "examples": entries[-1].examples,
-                "epsilon": self.epsilon(client, accountant),
-                "epsilon_certified": self.certified_epsilon(client),
-            })
+            rows.append(
+                {
+                    "id": client,
+                    "rounds": len(entries),
+                    "steps": comp.steps,
+                    "examples": entries[-1].examples,
+                    "epsilon": self.epsilon(client, accountant),
+                    "epsilon_certified": self.certified_epsilon(client),
+                }
+            )
         return rows
 
 

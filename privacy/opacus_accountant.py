@@ -20,7 +20,13 @@ from opacus.accountants.registry import _ACCOUNTANTS, register_accountant
 from fedtune.privacy.accountants import get_accountant
 from fedtune.privacy.events import Composition, SubsampledGaussianEvent
 
-__all__ = ["FedtuneOpacusAccountant", "EdgeworthOpacusAccountant", "SaddlePointOpacusAccountant", "PLDOpacusAccountant", "register_with_opacus"]
+__all__ = [
+    "FedtuneOpacusAccountant",
+    "EdgeworthOpacusAccountant",
+    "SaddlePointOpacusAccountant",
+    "PLDOpacusAccountant",
+    "register_with_opacus",
+]
 
 
 class FedtuneOpacusAccountant(IAccountant):

@@ -1,138 +1,302 @@
 """The fedtune ServerApp: ledger-aware FedAvg over LoRA adapters, central evaluation, checkpoints.
 
-Outputs in ``OUT/``: ``config.json``, ``ledger.json`` (the server's privacy ledger), ``checkpoint/``
-(after every round, atomic), ``metrics.csv``, ``summary.json``, ``plot.png`` and ``adapter/`` (the
-final model in peft's format: ``PeftModel.from_pretrained(base, OUT/adapter)``).
+:func:`run_server` assembles a :class:`fedtune.server.run.ServerRun` (the loop) from its parts: the
+strategy (Flower's FedAvg wrapped by :class:`~fedtune.server.strategy.LedgerStrategy`), how rounds
+are played (all clients in a simulation, a quorum in a deployment), the central evaluation, and the
+callbacks that persist each round.
+
+Outputs in ``OUT/``, all written atomically after *every* round (an interrupted run keeps them):
+``config.json``, ``ledger.json`` (the server's privacy ledger), ``checkpoint/``, ``metrics.csv``,
+``summary.json`` (``"finished": false`` until the run ends), ``plot.png``; at the end ``adapter/``
+(the final model in peft's format: ``PeftModel.from_pretrained(base, OUT/adapter)``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import RunConfig
-from fedtune.deployment import DeployOptions, configure_logging, split_run_config
 from fedtune.io import atomic_write_json
+from fedtune.logs import configure_logging
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.records import to_record, to_state
+from fedtune.protocol import DeployOptions, split_run_config, to_record, to_state
 from fedtune.report import plot_rounds, write_metrics_csv, write_summary
 from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedtune.server.loop import RoundResult, array_bytes, run_rounds
-from fedtune.server.quorum import run_with_quorum
+from fedtune.server.quorum import QuorumRounds
+from fedtune.server.run import PlainRounds, RoundResult, ServerCallback, ServerRun, array_bytes
 from fedtune.server.strategy import LedgerStrategy
 from fedtune.workload import get_workload
 
-__all__ = ["make_server_app", "run_server"]
+__all__ = ["make_server_app", "run_server", "majority_rate", "Checkpointer", "RunReport", "RoundLog"]
 
 log = logging.getLogger(__name__)
 
+_TRAIN_KEYS = ("train-loss", "padding-efficiency", "examples-per-second")  # client means, weighted by examples
 
-def run_server(grid: Grid, config: RunConfig, *, resume: bool = False, workload: Any = None,
-               deployment: DeployOptions | None = None) -> dict[str, Any]:
+
+def majority_rate(dataset: Any) -> float:
+    """Share of the most frequent label in ``dataset`` (what always predicting it scores)."""
+    labels = list(dataset["label"]) if dataset is not None and len(dataset) else []
+    return max(Counter(labels).values()) / len(labels) if labels else math.nan
+
+
+class Checkpointer(ServerCallback):
+    """Saves the global weights and every row after each round (``OUT/checkpoint``, atomic)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_round_end(self, run: ServerRun, row: dict[str, Any], result: RoundResult | None) -> None:
+        if result is not None:
+            state = {k: v.numpy() for k, v in to_state(run.arrays).items()}
+            save_checkpoint(self.folder, Checkpoint(result.round, state, list(run.rows), run.config.to_dict()))
+
+
+class RoundLog(ServerCallback):
+    """One log line per round: the metric, the certified epsilon, the clients, the time."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_round_end(self, run: ServerRun, row: dict[str, Any], result: RoundResult | None) -> None:
+        if result is None:
+            log.info("round 0 (initial model): %s %.4f", self.metric, row[self.metric])
+            return
+        log.info(
+            "round %d/%d: %s %.4f, epsilon (certified, max) %.4f, %d clients, %.1f s",
+            result.round,
+            run.config.rounds,
+            self.metric,
+            row[self.metric],
+            row["epsilon_certified"],
+            result.clients_trained,
+            result.seconds,
+        )
+
+
+@dataclass
+class RunReport(ServerCallback):
+    """metrics.csv, plot.png and summary.json after every round; the adapter and the final summary at the end."""
+
+    out: Path
+    metric: str
+    workload: Any
+    ledger: PrivacyLedger
+    eval_model: Any
+    deployment: DeployOptions | None = None
+    summary: dict[str, Any] | None = None
+
+    def on_round_end(self, run: ServerRun, row: dict[str, Any], result: RoundResult | None) -> None:
+        self._write(run, finished=False)
+
+    def on_run_end(self, run: ServerRun) -> None:
+        from fedtune.model import save_adapter, set_trainable_state
+
+        set_trainable_state(self.eval_model, to_state(run.arrays))
+        save_adapter(self.eval_model, self.out / "adapter")
+        self._write(run, finished=True)
+
+    def _clients(self, run: ServerRun) -> list[dict[str, Any]]:
+        """One row per client: what it spent (the ledger) and its last round's sigma, q and steps."""
+        strategy = run.strategy
+        spent = {str(r["id"]): r for r in self.ledger.report()} if run.config.private else {}
+        ids = list(spent) or sorted(strategy.totals, key=_natural) or [str(i) for i in range(len(self.workload.shards))]
+        rows = []
+        for client in ids:
+            reply = strategy.replies.get(client)
+            totals = strategy.totals.get(client, {"rounds": 0, "steps": 0})
+            row = spent.get(client) or {
+                "id": client,
+                "rounds": totals["rounds"],
+                "steps": totals["steps"],
+                "examples": reply.examples if reply else _shard_size(self.workload, client),
+                "epsilon": math.inf,
+                "epsilon_certified": math.inf,
+            }
+            row = dict(row)
+            row["sampling_rate"] = reply.sampling_rate if reply else None
+            row["noise_multiplier"] = (reply.noise_multiplier if reply.dp else 0.0) if reply else None
+            row["steps_per_round"] = reply.steps if reply else None
+            rows.append(row)
+        return rows
+
+    def _write(self, run: ServerRun, *, finished: bool) -> None:
+        config, rows = run.config, run.rows
+        composed = self.ledger.composed_epsilon() if config.private else math.inf
+        notes = list(self.workload.data.notes)
+        if not self.workload.shards:
+            notes.append(
+                "deployed: each client trained on its own data on its own machine; the server saw only the evaluation split"
+            )
+        if config.private:
+            notes.append(
+                "DP noise and sampling were drawn from fresh OS entropy: not repeatable under --seed, by design "
+                "(--dp-randomness seeded makes them repeatable, a weaker setting for experiments)"
+                if config.dp_randomness == "secret"
+                else "--dp-randomness seeded: DP noise and sampling derive from --seed (repeatable; the guarantee does "
+                "not hold against anyone who knows the seed: for experiments only)"
+            )
+        shards = self.workload.shards
+        summary: dict[str, Any] = {
+            "task": config.task,
+            "metric": self.metric,
+            "final_accuracy": rows[-1][self.metric],
+            "final_metrics": {k: v for k, v in rows[-1].items() if k != "round"},
+            "majority_class_rate": majority_rate(self.workload.data.eval),
+            "rounds": rows,
+            "clients": self._clients(run),
+            "composed_epsilon": composed,
+            "delta": config.delta,
+            "epsilon_target": config.epsilon,
+            "certified_by": "pld",
+            "estimated_by": config.accountant,
+            "bytes_per_round": array_bytes(run.arrays),
+            "rejected_updates": run.strategy.rejected,
+            "partition": {
+                "scheme": config.partition,
+                "alpha": config.alpha,
+                "shards": _describe(shards) if shards else [],
+            },
+            "notes": notes,
+            "seconds": run.seconds,
+            "finished": finished,
+            "rounds_done": int(rows[-1]["round"]),
+            "stopped_early": finished and int(rows[-1]["round"]) < config.rounds,
+            "stop_reason": run.stop_reason,
+            "failed": run.failed,
+        }
+        if self.deployment is not None:
+            d = self.deployment
+            summary["deployment"] = {
+                "min_clients": d.quorum(config.clients),
+                "round_retries": d.round_retries,
+                "round_timeout": d.round_timeout,
+                "noise_multiplier": d.noise_multiplier or None,
+            }
+        write_metrics_csv(self.out / "metrics.csv", rows)
+        write_summary(self.out / "summary.json", summary)
+        plot_rounds(
+            self.out / "plot.png",
+            rows,
+            metric=self.metric,
+            majority=summary["majority_class_rate"],
+            epsilon_target=config.epsilon,
+            title=f"fedtune {config.task}: {config.clients} clients, epsilon {config.epsilon:g}",
+        )
+        self.summary = summary
+
+
+def _natural(client: str) -> tuple[int, str]:
+    return (int(client), "") if client.isdigit() else (1 << 30, client)
+
+
+def _shard_size(workload: Any, client: str) -> int:
+    return len(workload.shards[int(client)]) if client.isdigit() and int(client) < len(workload.shards) else 0
+
+
+def _describe(shards: list[Any]) -> list[dict[str, Any]]:
+    from fedtune.data import describe_partitions
+
+    return describe_partitions(shards)
+
+
+def _row_maker(metric: str, private: bool, ledger: PrivacyLedger):  # type: ignore[no-untyped-def]
+    """The one schema of a metrics.csv row (round 0 is the initial model)."""
+
+    def make_row(run: ServerRun, metrics: dict[str, Any], result: RoundResult | None) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "round": result.round if result else 0,
+            metric: metrics[metric],
+            **{k: v for k, v in metrics.items() if k != metric},
+        }
+        if metric != "accuracy" and "accuracy" not in row:
+            row["accuracy"] = row[metric]
+        row["epsilon_certified"] = (ledger.composed_epsilon() if result else 0.0) if private else math.inf
+        row.update(
+            clients_trained=result.clients_trained if result else 0,
+            clients_rejected=result.clients_rejected if result else 0,
+            bytes_sent=result.bytes_sent if result else 0,
+            bytes_received=result.bytes_received if result else 0,
+            seconds=result.seconds if result else 0.0,
+        )
+        for key in _TRAIN_KEYS:
+            if result and key in result.train_metrics:
+                row[key.replace("-", "_")] = float(result.train_metrics[key])
+        return row
+
+    return make_row
+
+
+def run_server(
+    grid: Grid,
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    workload: Any = None,
+    deployment: DeployOptions | None = None,
+) -> dict[str, Any]:
     """Run the whole federation for ``config`` on ``grid``; returns the summary (also written to disk).
 
     ``workload`` defaults to the simulation's shared :class:`~fedtune.workload.Workload`; a deployed
     server passes an :class:`~fedtune.server.eval_workload.EvalWorkload` (no client data) and its
-    ``deployment`` options, and then runs the rounds under a quorum
-    (:func:`fedtune.server.quorum.run_with_quorum`).
-    """
-    from fedtune.data import describe_partitions, main_metric
-    from fedtune.evaluate import evaluate
-    from fedtune.model import get_trainable_state, pick_device, save_adapter, set_trainable_state
+    ``deployment`` options, and its rounds then run under a quorum
+    (:class:`fedtune.server.quorum.QuorumRounds`).
 
-    started = time.perf_counter()
+    Raises
+    ------
+    fedtune.server.run.RunInterrupted
+        If the run was asked to stop; every finished round is saved and ``--resume`` continues it.
+    """
+    from fedtune.data import main_metric
+    from fedtune.evaluate import evaluate
+    from fedtune.model import get_trainable_state, pick_device, set_trainable_state
+
     out = config.out_dir
     workload = get_workload(config) if workload is None else workload
     metric = main_metric(workload.data.spec)
     device = pick_device()
     eval_model = workload.new_model()
     checkpoint = load_checkpoint(out / "checkpoint") if resume else None
-    if checkpoint is not None:
-        arrays, rounds, first = to_record(checkpoint.arrays), list(checkpoint.metrics), checkpoint.round + 1
-        earlier_seconds = sum(float(r["seconds"]) for r in rounds)
-        log.info("resuming after round %d from %s", checkpoint.round, out / "checkpoint")
-    else:
-        arrays, rounds, first, earlier_seconds = to_record(get_trainable_state(eval_model)), [], 1, 0.0
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
-    min_nodes = config.clients if deployment is None else 1  # deployed: the quorum loop does the waiting, with timeouts
+    min_nodes = config.clients if deployment is None else 1  # deployed: the quorum rounds do the waiting, with timeouts
     strategy = LedgerStrategy(
         FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_nodes, min_available_nodes=min_nodes),
         ledger,
     )
 
-    def evaluate_fn(server_round: int, current: ArrayRecord) -> dict[str, Any]:
-        set_trainable_state(eval_model, to_state(current))
+    def evaluate_arrays(arrays: ArrayRecord) -> dict[str, Any]:
+        set_trainable_state(eval_model, to_state(arrays))
         return evaluate(eval_model, workload.eval_set(), workload.collator, workload.data.spec.name, device)
 
-    def composed() -> float:
-        return ledger.composed_epsilon() if config.private else math.inf
-
-    def on_round_end(result: RoundResult) -> None:
-        row = {"round": result.round, metric: result.eval_metrics[metric], **{k: v for k, v in result.eval_metrics.items() if k != metric},
-               "epsilon_certified": composed(), "clients_trained": result.clients_trained, "clients_rejected": result.clients_rejected,
-               "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received, "seconds": result.seconds}
-        for key in ("train-loss", "padding-efficiency", "examples-per-second"):  # client means, weighted by examples
-            if key in result.train_metrics:
-                row[key.replace("-", "_")] = float(result.train_metrics[key])
-        if metric != "accuracy" and "accuracy" not in row:
-            row["accuracy"] = row[metric]
-        rounds.append(row)
-        save_checkpoint(out / "checkpoint", Checkpoint(result.round, {k: v.numpy() for k, v in to_state(result.arrays).items()}, rounds, config.to_dict()))
-        log.info("round %d/%d: %s %.4f, epsilon (certified, max) %s, %d clients, %.1f s",
-                 result.round, config.rounds, metric, row[metric], f"{row['epsilon_certified']:.4f}", result.clients_trained, result.seconds)
-
-    if not rounds:
-        initial = evaluate_fn(0, arrays)
-        rounds.append({"round": 0, metric: initial[metric], **{k: v for k, v in initial.items() if k != metric},
-                       "epsilon_certified": 0.0 if config.private else math.inf, "clients_trained": 0, "clients_rejected": 0,
-                       "bytes_sent": 0, "bytes_received": 0, "seconds": 0.0})
-        log.info("round 0 (initial model): %s %.4f", metric, initial[metric])
-    stop_reason: str | None = None
-    if deployment is None:
-        final = run_rounds(
-            strategy, grid, arrays, first_round=first, last_round=config.rounds,
-            train_config=ConfigRecord({}), evaluate=evaluate_fn, on_round_end=on_round_end,
-        )
-    else:
-        final, stop_reason = run_with_quorum(
-            strategy, grid, arrays, first_round=first, last_round=config.rounds, expected_clients=config.clients,
-            options=deployment, evaluate=evaluate_fn, on_round_end=on_round_end,
-        )
-    set_trainable_state(eval_model, to_state(final))
-    save_adapter(eval_model, out / "adapter")
-    clients = ledger.report() if config.private else [
-        {"id": str(i), "rounds": 0, "steps": 0, "examples": len(s), "epsilon": math.inf, "epsilon_certified": math.inf}
-        for i, s in enumerate(workload.shards)
-    ] or [{"id": c, "rounds": 0, "steps": 0, "examples": 0, "epsilon": math.inf, "epsilon_certified": math.inf}
-          for c in sorted(set(strategy.node_to_client.values()))]
-    notes = list(workload.data.notes)
-    if not workload.shards:
-        notes.append("deployed: each client trained on its own data on its own machine; the server saw only the evaluation split")
-    summary = {
-        "task": config.task, "metric": metric, "final_accuracy": rounds[-1][metric],
-        "final_metrics": {k: v for k, v in rounds[-1].items() if k not in ("round",)},
-        "rounds": rounds, "clients": clients, "composed_epsilon": composed(), "delta": config.delta,
-        "epsilon_target": config.epsilon, "certified_by": "pld", "estimated_by": config.accountant,
-        "bytes_per_round": array_bytes(final), "rejected_updates": strategy.rejected,
-        "partition": {"scheme": config.partition, "alpha": config.alpha, "shards": describe_partitions(workload.shards) if workload.shards else []},
-        "notes": notes, "seconds": earlier_seconds + time.perf_counter() - started,
-        "stopped_early": len(rounds) - 1 < config.rounds,
-    }
-    if deployment is not None:
-        summary["stop_reason"] = stop_reason
-        summary["deployment"] = {"min_clients": deployment.quorum(config.clients), "round_retries": deployment.round_retries,
-                                 "round_timeout": deployment.round_timeout, "noise_multiplier": deployment.noise_multiplier or None}
-    write_metrics_csv(out / "metrics.csv", rounds)
-    write_summary(out / "summary.json", summary)
-    plot_rounds(out / "plot.png", rounds, metric=metric, title=f"fedtune {config.task}: {config.clients} clients, epsilon {config.epsilon:g}")
-    return summary
+    report = RunReport(out, metric, workload, ledger, eval_model, deployment)
+    run = ServerRun(
+        config=config,
+        strategy=strategy,
+        grid=grid,
+        arrays=to_record(get_trainable_state(eval_model)),
+        evaluate=evaluate_arrays,
+        make_row=_row_maker(metric, config.private, ledger),
+        rounds=PlainRounds() if deployment is None else QuorumRounds(deployment, config.clients),
+        callbacks=[Checkpointer(out / "checkpoint"), RoundLog(metric), report],
+    )
+    if checkpoint is not None:
+        run.arrays, run.rows = to_record(checkpoint.arrays), list(checkpoint.metrics)
+        run.earlier_seconds = sum(float(r["seconds"]) for r in run.rows)
+        log.info("resuming after round %d from %s", checkpoint.round, out / "checkpoint")
+    run.run()
+    if report.summary is None:  # pragma: no cover - RunReport writes it after every round
+        raise RuntimeError("the run ended without a summary")
+    return report.summary
 
 
 def make_server_app(config: RunConfig | None = None, *, resume: bool = False) -> ServerApp:
@@ -145,12 +309,12 @@ def make_server_app(config: RunConfig | None = None, *, resume: bool = False) ->
             run_server(grid, config, resume=resume)
             return
         run, options = split_run_config(context.run_config)
+        configure_logging()
         if not options.deployed:
             run_server(grid, run, resume=resume or options.resume)
             return
         from fedtune.server.eval_workload import EvalWorkload
 
-        configure_logging()
         run_server(grid, run, resume=resume or options.resume, workload=EvalWorkload.build(run), deployment=options)
 
     return app

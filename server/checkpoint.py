@@ -40,9 +40,16 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     np.savez(buffer, **checkpoint.arrays)
     name = f"arrays-r{checkpoint.round:04d}.npz"
     atomic_write_bytes(folder / name, buffer.getvalue())
-    state = atomic_write_json(folder / "state.json", {
-        "schema": _SCHEMA, "round": checkpoint.round, "arrays": name, "metrics": checkpoint.metrics, "config": checkpoint.config,
-    })
+    state = atomic_write_json(
+        folder / "state.json",
+        {
+            "schema": _SCHEMA,
+            "round": checkpoint.round,
+            "arrays": name,
+            "metrics": checkpoint.metrics,
+            "config": checkpoint.config,
+        },
+    )
     for old in folder.glob("arrays-r*.npz"):
         if old.name != name:
             old.unlink(missing_ok=True)

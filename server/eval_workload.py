@@ -31,7 +31,7 @@ class EvalWorkload:
     @classmethod
     def build(cls, config: RunConfig) -> EvalWorkload:
         from fedtune.data import load_glue, make_collator
-        from fedtune.standalone import build_template
+        from fedtune.workload import build_template
 
         data = load_glue(config.task, config.data_dir, seed=config.seed, max_eval_examples=config.max_eval_examples)
         template, tokenizer = build_template(config, data.spec.num_labels)

@@ -28,8 +28,18 @@ __all__ = ["make_gateway", "main", "FLEET_PREFIX"]
 log = logging.getLogger("fedtune.gateway")
 
 FLEET_PREFIX = "/v1/fleet/"
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-               "transfer-encoding", "upgrade", "host", "content-length"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 
 
 def make_gateway(upstream: str, *, ca_file: str | None, timeout: float = 120.0, transport: Any = None):  # type: ignore[no-untyped-def]
@@ -50,16 +60,24 @@ def make_gateway(upstream: str, *, ca_file: str | None, timeout: float = 120.0, 
     async def forward(request: Request) -> Response:
         path = request.url.path
         if request.method != "POST" or not path.startswith(FLEET_PREFIX):
-            log.warning("refused %s %s from %s (only the Fleet API is exposed)", request.method, path,
-                        request.client.host if request.client else "?")
+            log.warning(
+                "refused %s %s from %s (only the Fleet API is exposed)",
+                request.method,
+                path,
+                request.client.host if request.client else "?",
+            )
             return PlainTextResponse("not found: this port only serves the Flower Fleet API\n", status_code=404)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         try:
-            upstream_response = await client.post(path, content=await request.body(), headers=headers, params=request.query_params)
+            upstream_response = await client.post(
+                path, content=await request.body(), headers=headers, params=request.query_params
+            )
         except httpx.HTTPError as err:
             log.error("SuperLink unreachable for %s: %s", path, err)
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
-        out_headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}}
+        out_headers = {
+            k: v for k, v in upstream_response.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}
+        }
         return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out_headers)
 
     @contextlib.asynccontextmanager
@@ -67,8 +85,10 @@ def make_gateway(upstream: str, *, ca_file: str | None, timeout: float = 120.0, 
         yield
         await client.aclose()
 
-    return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])],
-                     lifespan=lifespan)
+    return Starlette(
+        routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"])],
+        lifespan=lifespan,
+    )
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -93,9 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--certfile, --keyfile and --ca-file are required unless --insecure")
     host, port = _split(args.listen)
     app = make_gateway(args.upstream, ca_file=None if args.insecure else args.ca_file)
-    log.info("Fleet gateway on %s://%s:%d -> SuperLink %s", "http" if args.insecure else "https", host, port, args.upstream)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                ssl_certfile=None if args.insecure else args.certfile, ssl_keyfile=None if args.insecure else args.keyfile)
+    log.info(
+        "Fleet gateway on %s://%s:%d -> SuperLink %s", "http" if args.insecure else "https", host, port, args.upstream
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=None if args.insecure else args.certfile,
+        ssl_keyfile=None if args.insecure else args.keyfile,
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Rounds with a quorum: what a deployed federation does when clients die or never come.
 
-:func:`run_with_quorum` drives :func:`fedtune.server.loop.run_rounds` one round at a time:
+:class:`QuorumRounds` plays the rounds of a deployed :class:`fedtune.server.run.ServerRun`:
 
 1. Before the first round of a run (also a resumed one) it waits up to ``wait-timeout`` seconds for
    all ``clients`` to connect; it starts with fewer if at least ``min-clients`` are there, and stops
@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedtune.deployment import DeployOptions
-from fedtune.server.loop import RoundResult, run_rounds
-from fedtune.server.strategy import LedgerStrategy
+from fedtune.protocol import DeployOptions
+from fedtune.server.run import STOP, RoundResult, Rounds, ServerRun, play_round
 
-__all__ = ["run_with_quorum", "wait_for_nodes"]
+__all__ = ["QuorumRounds", "wait_for_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -43,64 +39,54 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, *, poll: float = 1.0
     deadline = time.monotonic() + timeout
     connected = len(list(grid.get_node_ids()))
     last_logged = -1
-    while connected < wanted and time.monotonic() < deadline:
+    while connected < wanted and time.monotonic() < deadline and not STOP.is_set():
         if connected != last_logged:
             log.info("waiting for clients: %d of %d connected", connected, wanted)
             last_logged = connected
-        time.sleep(poll)
+        STOP.wait(poll)
         connected = len(list(grid.get_node_ids()))
     return connected
 
 
-def run_with_quorum(
-    strategy: LedgerStrategy,
-    grid: Grid,
-    arrays: ArrayRecord,
-    *,
-    first_round: int,
-    last_round: int,
-    expected_clients: int,
-    options: DeployOptions,
-    evaluate: Callable[[int, ArrayRecord], dict[str, Any]],
-    on_round_end: Callable[[RoundResult], None],
-) -> tuple[ArrayRecord, str | None]:
-    """Run rounds ``first_round..last_round`` under the quorum rules (module docstring).
+class QuorumRounds(Rounds):
+    """A deployment's rounds under the quorum rules of the module docstring."""
 
-    Returns
-    -------
-    (ArrayRecord, str or None)
-        The final global arrays and, if the run stopped early, why.
-    """
-    quorum = options.quorum(expected_clients)
-    for rnd in range(first_round, last_round + 1):
+    def __init__(self, options: DeployOptions, expected_clients: int) -> None:
+        self.options = options
+        self.expected = expected_clients
+        self.quorum = options.quorum(expected_clients)
+        self._first: int | None = None
+
+    def play(self, run: ServerRun, rnd: int) -> RoundResult | str:
+        options, quorum = self.options, self.quorum
+        if self._first is None:
+            self._first = rnd
         result: RoundResult | None = None
         for attempt in range(options.round_retries + 1):
-            wanted = expected_clients if (rnd == first_round and attempt == 0) else quorum
-            connected = wait_for_nodes(grid, wanted, options.wait_timeout)
+            wanted = self.expected if (rnd == self._first and attempt == 0) else quorum
+            connected = wait_for_nodes(run.grid, wanted, options.wait_timeout)
             if connected < quorum:
-                return arrays, _stop(f"round {rnd}: only {connected} client(s) connected after waiting {options.wait_timeout:g} s; "
-                                     f"at least {quorum} needed (min-clients)")
+                return (
+                    f"round {rnd}: only {connected} client(s) connected after waiting {options.wait_timeout:g} s; "
+                    f"at least {quorum} needed (min-clients)"
+                )
             if connected < wanted:
                 log.warning("round %d: starting with %d of %d clients (min-clients %d)", rnd, connected, wanted, quorum)
-            captured: list[RoundResult] = []
-            run_rounds(strategy, grid, arrays, first_round=rnd, last_round=rnd, train_config=ConfigRecord({}),
-                       evaluate=evaluate, on_round_end=captured.append, timeout=options.round_timeout)
-            if not captured:
-                return arrays, _stop(f"round {rnd}: no client can train within its privacy budget")
-            result = captured[0]
+            result = play_round(run.strategy, run.grid, run.arrays, rnd, timeout=options.round_timeout, stop=run.stop)
+            if result is None:
+                return f"round {rnd}: no client can train within its privacy budget"
             if result.clients_trained >= quorum:
-                on_round_end(result)
-                arrays = result.arrays
-                break
-            log.warning("round %d, attempt %d of %d: %d valid update(s), %d needed (min-clients); the global model is unchanged",
-                        rnd, attempt + 1, options.round_retries + 1, result.clients_trained, quorum)
-        else:
-            trained = 0 if result is None else result.clients_trained
-            return arrays, _stop(f"round {rnd}: {trained} valid update(s) after {options.round_retries + 1} attempt(s); "
-                                 f"at least {quorum} needed (min-clients)")
-    return arrays, None
-
-
-def _stop(reason: str) -> str:
-    log.error("stopping the run: %s", reason)
-    return reason
+                return result
+            log.warning(
+                "round %d, attempt %d of %d: %d valid update(s), %d needed (min-clients); the global model is unchanged",
+                rnd,
+                attempt + 1,
+                options.round_retries + 1,
+                result.clients_trained,
+                quorum,
+            )
+        trained = 0 if result is None else result.clients_trained
+        return (
+            f"round {rnd}: {trained} valid update(s) after {options.round_retries + 1} attempt(s); "
+            f"at least {quorum} needed (min-clients)"
+        )

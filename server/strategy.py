@@ -22,16 +22,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune.privacy.events import SubsampledGaussianEvent
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.protocol import METRICS_KEY, PRIVACY_KEY, ClientReply
 from fedtune.server.validation import InvalidUpdate, validate_update
 
-__all__ = ["LedgerStrategy", "PRIVACY_KEY", "STATUS_OK", "STATUS_REFUSED"]
+__all__ = ["LedgerStrategy"]
 
 log = logging.getLogger(__name__)
-
-#: ConfigRecord key under which a client reports its privacy event and status.
-PRIVACY_KEY = "privacy"
-STATUS_OK = "ok"
-STATUS_REFUSED = "refused"
 
 
 class LedgerStrategy(Strategy):
@@ -52,6 +48,8 @@ class LedgerStrategy(Strategy):
         self.last_event: dict[str, SubsampledGaussianEvent] = {}
         self.refused: set[str] = set()
         self.rejected: list[dict[str, object]] = []
+        self.replies: dict[str, ClientReply] = {}  # each client's latest accepted reply
+        self.totals: dict[str, dict[str, int]] = {}  # rounds and steps each client trained in this process
         self._reference: ArrayRecord | None = None
         self.exhausted = False
 
@@ -59,7 +57,9 @@ class LedgerStrategy(Strategy):
     def summary(self) -> None:
         """Log the wrapped strategy's summary and the ledger's budget."""
         self.inner.summary()
-        log.info("privacy ledger: %s, budget epsilon %s at delta %g", self.ledger.path, self.ledger.budget, self.ledger.delta)
+        log.info(
+            "privacy ledger: %s, budget epsilon %s at delta %g", self.ledger.path, self.ledger.budget, self.ledger.delta
+        )
 
     def _can_train(self, node_id: int) -> bool:
         client = self.node_to_client.get(node_id)
@@ -75,10 +75,16 @@ class LedgerStrategy(Strategy):
             log.info("leaving out client %s: %s", client, verdict.reason)
         return verdict.allowed
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Let the wrapped strategy sample clients, then drop those out of budget."""
         self._reference = arrays
-        messages = [m for m in self.inner.configure_train(server_round, arrays, config, grid) if self._can_train(m.metadata.dst_node_id)]
+        messages = [
+            m
+            for m in self.inner.configure_train(server_round, arrays, config, grid)
+            if self._can_train(m.metadata.dst_node_id)
+        ]
         self.exhausted = not messages
         return messages
 
@@ -89,32 +95,42 @@ class LedgerStrategy(Strategy):
             self.rejected.append({"round": server_round, "node": node, "reason": message.error.reason})
             return False
         content = message.content
-        privacy = content.config_records.get(PRIVACY_KEY)
-        if privacy is None:
+        record = content.config_records.get(PRIVACY_KEY)
+        if record is None:
             self._reject(server_round, node, "reply carries no privacy record")
             return False
-        client = str(privacy["client-id"])
+        try:
+            reply = ClientReply.from_config_record(record)
+        except ValueError as err:
+            self._reject(server_round, node, str(err))
+            return False
+        client = reply.client_id
         self.node_to_client[node] = client
-        if privacy.get("status", STATUS_OK) != STATUS_OK:
+        if not reply.ok:
             self.refused.add(client)
-            self._reject(server_round, node, f"client {client} refused: {privacy.get('reason', '')}")
+            self._reject(server_round, node, f"client {client} refused: {reply.reason}")
             return False
         if len(content.array_records) != 1:
             self._reject(server_round, node, f"expected one ArrayRecord, got {len(content.array_records)}")
             return False
         private_run = self.ledger.budget is not None and math.isfinite(self.ledger.budget)
-        if private_run and not privacy.get("dp", True):
+        if private_run and not reply.dp:
             self._reject(server_round, node, f"client {client} sent a non-private update in a private run")
             return False
         try:
             if self._reference is not None:
                 validate_update(next(iter(content.array_records.values())), self._reference)
-            if privacy.get("dp", True):
-                event = SubsampledGaussianEvent(float(privacy["sampling-rate"]), float(privacy["noise-multiplier"]), int(privacy["steps"]))
+            if reply.dp:
+                event = SubsampledGaussianEvent(reply.sampling_rate, reply.noise_multiplier, reply.steps)
                 # a conflicting event for a recorded (client, round), e.g. two nodes claiming one id, is refused here
-                self.ledger.record(client, server_round, event, int(privacy["examples"]))
+                self.ledger.record(client, server_round, event, reply.examples)
                 self.last_event[client] = event
-            _log_client_round(server_round, client, privacy, content.metric_records.get("metrics"))
+            self.replies[client] = reply
+            if not reply.resent:
+                totals = self.totals.setdefault(client, {"rounds": 0, "steps": 0})
+                totals["rounds"] += 1
+                totals["steps"] += reply.steps
+            _log_client_round(server_round, reply, content.metric_records.get(METRICS_KEY))
         except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
             self._reject(server_round, node, f"client {client}: {err}")
             return False
@@ -124,7 +140,9 @@ class LedgerStrategy(Strategy):
         log.warning("round %d: rejected the update of node %d: %s", server_round, node, reason)
         self.rejected.append({"round": server_round, "node": node, "reason": reason})
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and record each reply, then aggregate the accepted ones with the wrapped strategy."""
         accepted = [m for m in replies if self._accept(server_round, m)]
         if not accepted:
@@ -132,7 +150,9 @@ class LedgerStrategy(Strategy):
             return None, None
         return self.inner.aggregate_train(server_round, accepted)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Delegate (fedtune evaluates centrally; pass ``fraction_evaluate=0`` to FedAvg to skip this)."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
@@ -141,14 +161,20 @@ class LedgerStrategy(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
-def _log_client_round(server_round: int, client: str, privacy: Any, metrics: Any) -> None:
+def _log_client_round(server_round: int, reply: ClientReply, metrics: Any) -> None:
     """One line per client per round: steps, speed, padding efficiency, time and its certified epsilon."""
     m = dict(metrics) if metrics is not None else {}
-    epsilon = float(privacy.get("epsilon-certified", math.inf)) if privacy.get("dp", True) else math.inf
+    epsilon = reply.epsilon_certified if reply.dp else math.inf
     pad = float(m.get("padding-efficiency", -1.0))
     log.info(
-        "round %d: client %s trained %s steps at q = %.4g, %.0f ex/s, padding efficiency %s, %.1f s, epsilon %s (certified)",
-        server_round, client, privacy.get("steps", "?"), float(privacy.get("sampling-rate", 0.0)),
-        float(m.get("examples-per-second", 0.0)), f"{pad:.0%}" if pad >= 0 else "n/a", float(m.get("seconds", 0.0)),
+        "round %d: client %s trained %d steps at q = %.4g, sigma %.4g, %.0f ex/s, padding efficiency %s, %.1f s, epsilon %s (certified)",
+        server_round,
+        reply.client_id,
+        reply.steps,
+        reply.sampling_rate,
+        reply.noise_multiplier,
+        float(m.get("examples-per-second", 0.0)),
+        f"{pad:.0%}" if pad >= 0 else "n/a",
+        float(m.get("seconds", 0.0)),
         "inf (no DP)" if math.isinf(epsilon) else f"{epsilon:.4f}",
     )

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import psutil
 
-from fedtune.certs import read_public_key_name
-from fedtune.processes import ProcessFailed, console_script, free_port, start_process, stop_tree, wait_for_port
+from fedtune.deployment import (
+    ProcessFailed,
+    console_script,
+    free_port,
+    read_public_key_name,
+    start_process,
+    stop_tree,
+    wait_for_port,
+)
 
 __all__ = ["FlowerServer", "ServerPaths", "CONNECTION"]
 
@@ -88,12 +95,24 @@ class FlowerServer:
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower process: private Flower home, no runtime installs."""
-        return {**os.environ, "FLWR_HOME": str(self.paths.flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PYTHONUNBUFFERED": "1"}
+        return {
+            **os.environ,
+            "FLWR_HOME": str(self.paths.flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def _write_connection(self) -> None:
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.internal_port}"']
-        lines.append("insecure = true" if self.insecure else f"root-certificates = {json.dumps(str(self.certs / 'ca.crt'))}")
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "127.0.0.1:{self.internal_port}"',
+        ]
+        lines.append(
+            "insecure = true" if self.insecure else f"root-certificates = {json.dumps(str(self.certs / 'ca.crt'))}"
+        )
         self.paths.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.paths.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -101,29 +120,70 @@ class FlowerServer:
     def start_superlink(self, timeout: float = 60.0) -> None:
         """Start the SuperLink on the loopback interface (TLS and SuperNode authentication unless insecure)."""
         self._write_connection()
-        command = [console_script("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.internal_port),
-                   "--database", str(self.paths.database), "--disable-runtime-dependency-installation"]
+        command = [
+            console_script("flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.internal_port),
+            "--database",
+            str(self.paths.database),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.insecure:
             command.append("--insecure")
         else:
-            command += ["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.crt"),
-                        "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
+            command += [
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.crt"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+                "--enable-supernode-auth",
+            ]
         log_path = self.paths.logs / "superlink.log"
         self.superlink = start_process(command, log_path=log_path, env=self.env(), cwd=self.paths.root)
-        wait_for_port("127.0.0.1", self.internal_port, timeout=timeout, process=self.superlink, what="flower-superlink", log_path=log_path)
+        wait_for_port(
+            "127.0.0.1",
+            self.internal_port,
+            timeout=timeout,
+            process=self.superlink,
+            what="flower-superlink",
+            log_path=log_path,
+        )
         self._wait_for_control_api(timeout)
 
     def start_gateway(self, timeout: float = 60.0) -> None:
         """Expose the SuperLink's Fleet API on the public address (after the keys are registered)."""
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        gateway = [sys.executable, "-m", "fedtune.server.gateway", "--listen", listen,
-                   "--upstream", f"127.0.0.1:{self.internal_port}"]
-        gateway += ["--insecure"] if self.insecure else ["--certfile", str(self.certs / "server.crt"), "--keyfile", str(self.certs / "server.key"),
-                                                        "--ca-file", str(self.certs / "ca.crt")]
+        gateway = [
+            sys.executable,
+            "-m",
+            "fedtune.server.gateway",
+            "--listen",
+            listen,
+            "--upstream",
+            f"127.0.0.1:{self.internal_port}",
+        ]
+        gateway += (
+            ["--insecure"]
+            if self.insecure
+            else [
+                "--certfile",
+                str(self.certs / "server.crt"),
+                "--keyfile",
+                str(self.certs / "server.key"),
+                "--ca-file",
+                str(self.certs / "ca.crt"),
+            ]
+        )
         gateway_log = self.paths.logs / "gateway.log"
         self.gateway = start_process(gateway, log_path=gateway_log, env=self.env())
         probe = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        wait_for_port(probe, self.port, timeout=timeout, process=self.gateway, what="the Fleet gateway", log_path=gateway_log)
+        wait_for_port(
+            probe, self.port, timeout=timeout, process=self.gateway, what="the Fleet gateway", log_path=gateway_log
+        )
 
     def _wait_for_control_api(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -132,8 +192,10 @@ class FlowerServer:
             if _json(result.stdout).get("success"):
                 return
             if time.monotonic() > deadline or (self.superlink is not None and self.superlink.poll() is not None):
-                raise ProcessFailed(f"the SuperLink's Control API did not answer (see {self.paths.logs / 'superlink.log'}): "
-                                    f"{_error(result)}")
+                raise ProcessFailed(
+                    f"the SuperLink's Control API did not answer (see {self.paths.logs / 'superlink.log'}): "
+                    f"{_error(result)}"
+                )
             time.sleep(1.0)
 
     def alive(self) -> bool:
@@ -162,7 +224,14 @@ class FlowerServer:
     # -- flwr CLI ----------------------------------------------------------------------------
     def flwr(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a ``flwr`` CLI command against this SuperLink (logged to ``logs/flwr.log``)."""
-        result = subprocess.run([console_script("flwr"), *args], capture_output=True, text=True, env=self.env(), timeout=timeout, cwd=self.paths.root)
+        result = subprocess.run(
+            [console_script("flwr"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            cwd=self.paths.root,
+        )
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         with open(self.paths.logs / "flwr.log", "a", encoding="utf-8") as handle:
             handle.write(f"$ flwr {' '.join(args)}\n{result.stdout}{result.stderr}\n")
@@ -172,8 +241,17 @@ class FlowerServer:
 
     def register(self, public_key: Path) -> str:
         """Register a SuperNode's public key; returns ``registered`` or ``already registered``."""
-        result = self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", read_public_key_name(public_key)[:64],
-                           "--format", "json", check=False)
+        result = self.flwr(
+            "supernode",
+            "register",
+            str(public_key),
+            CONNECTION,
+            "--name",
+            read_public_key_name(public_key)[:64],
+            "--format",
+            "json",
+            check=False,
+        )
         answer = _json(result.stdout)
         if answer.get("success"):
             return "registered"

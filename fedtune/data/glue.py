@@ -99,9 +99,7 @@ class TaskSpec:
 
     def features(self) -> datasets.Features:
         """Return the canonical features: the text columns and a ``ClassLabel`` label."""
-        cols: dict[str, datasets.Value | datasets.ClassLabel] = {
-            c: datasets.Value("string") for c in self.text_columns
-        }
+        cols: dict[str, datasets.Value | datasets.ClassLabel] = {c: datasets.Value("string") for c in self.text_columns}
         cols["label"] = datasets.ClassLabel(names=list(self.label_names))
         return datasets.Features(cols)
 
@@ -113,16 +111,24 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec("sst2", "SST-2", ("sentence",), ("negative", "positive")),
         TaskSpec("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
-        TaskSpec("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"),
-                 metric_names=_BINARY_F1),
-        TaskSpec("mnli", "MNLI", ("premise", "hypothesis"),
-                 ("entailment", "neutral", "contradiction"), eval_split="validation_matched"),
+        TaskSpec("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), metric_names=_BINARY_F1),
+        TaskSpec(
+            "mnli",
+            "MNLI",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
+            eval_split="validation_matched",
+        ),
         TaskSpec("rte", "RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
-        TaskSpec("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
-                 metric_names=_BINARY_F1),
-        TaskSpec("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"),
-                 metric_names=("accuracy", "matthews_correlation"),
-                 main_metric="matthews_correlation"),
+        TaskSpec("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), metric_names=_BINARY_F1),
+        TaskSpec(
+            "cola",
+            "CoLA",
+            ("sentence",),
+            ("unacceptable", "acceptable"),
+            metric_names=("accuracy", "matthews_correlation"),
+            main_metric="matthews_correlation",
+        ),
     )
 }
 """All supported tasks, keyed by lower-case name."""
@@ -199,9 +205,7 @@ def _check_limit(name: str, value: int | None) -> int | None:
     return int(value)
 
 
-def _split_dev(
-    dev: datasets.Dataset, fraction: float, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+def _split_dev(dev: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, str]:
     """Split a labelled dev set into (train, eval), stratified by label when possible."""
     n = len(dev)
     n_eval = math.ceil(fraction * n)
@@ -230,14 +234,20 @@ def _canonical(ds: datasets.Dataset, spec: TaskSpec, where: str) -> datasets.Dat
     """Keep only the text columns and ``label``, cast to the canonical features."""
     missing = [c for c in (*spec.text_columns, "label") if c not in ds.column_names]
     if missing:
-        raise DataNotFoundError(
-            f"{where}: columns {missing} missing for task {spec.name!r} (has {ds.column_names})"
-        )
+        raise DataNotFoundError(f"{where}: columns {missing} missing for task {spec.name!r} (has {ds.column_names})")
     ds = ds.select_columns([*spec.text_columns, "label"])
     return ds.cast(spec.features())
 
 
 def _load_hub(spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset]:
+    from fedtune.io import hub_reachable
+
+    offline = any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and not hub_reachable():  # offline mode reads the local cache without retries
+        raise DataNotFoundError(
+            f"no local GLUE data for task {spec.name!r} and the Hugging Face hub cannot be reached (offline?): "
+            f"pass --data-dir (data_dir=...) or set {DATA_DIR_ENV} to a local GLUE copy"
+        )
     try:
         dd = datasets.load_dataset(HUB_DATASET, spec.name)
     except Exception as exc:  # noqa: BLE001 - every failure here means "no hub data"
@@ -265,9 +275,7 @@ def _resolve_root(data_dir: str | os.PathLike[str] | None, source: str) -> Path 
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
-            raise DataNotFoundError(
-                f"GLUE data folder {str(root)!r} (from ${DATA_DIR_ENV}) does not exist"
-            )
+            raise DataNotFoundError(f"GLUE data folder {str(root)!r} (from ${DATA_DIR_ENV}) does not exist")
         return root
     if source != "auto":
         raise ValueError(f"source={source!r} needs a local folder: pass data_dir or set {DATA_DIR_ENV}")
@@ -317,9 +325,7 @@ def load_glue(
     max_train = _check_limit("max_train_examples", max_train_examples)
     max_eval = _check_limit("max_eval_examples", max_eval_examples)
     if source not in ("auto", "hub", "local-parquet", "local-tsv"):
-        raise ValueError(
-            f"unknown source {source!r}; expected auto, hub, local-parquet or local-tsv"
-        )
+        raise ValueError(f"unknown source {source!r}; expected auto, hub, local-parquet or local-tsv")
 
     root = _resolve_root(data_dir, source)
     notes: list[str] = []
@@ -353,5 +359,4 @@ def load_glue(
     if max_eval is not None and max_eval < len(eval_):
         notes.append(f"eval subsampled to {max_eval:,} of {len(eval_):,} examples (seed {seed})")
         eval_ = _subsample(eval_, max_eval, seed, stream=2)
-    return GlueData(spec=spec, train=train, eval=eval_, source=used, notes=notes,
-                    data_dir=task_dir)
+    return GlueData(spec=spec, train=train, eval=eval_, source=used, notes=notes, data_dir=task_dir)

@@ -61,19 +61,22 @@ _TRAIN_DEV = {"train": "train.tsv", "validation": "dev.tsv"}
 
 TSV_LAYOUTS: dict[str, TsvLayout] = {
     "sst2": TsvLayout(_TRAIN_DEV, {"sentence": "sentence", "label": "label"}),
-    "qnli": TsvLayout(_TRAIN_DEV, {"question": "question", "sentence": "sentence",
-                                   "label": "label"}, string_labels=True),
-    "qqp": TsvLayout(_TRAIN_DEV, {"question1": "question1", "question2": "question2",
-                                  "label": "is_duplicate"}),
-    "mnli": TsvLayout({"train": "train.tsv", "validation_matched": "dev_matched.tsv"},
-                      {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"},
-                      string_labels=True),
-    "rte": TsvLayout(_TRAIN_DEV, {"sentence1": "sentence1", "sentence2": "sentence2",
-                                  "label": "label"}, string_labels=True),
-    "mrpc": TsvLayout(_TRAIN_DEV, {"sentence1": "#1 String", "sentence2": "#2 String",
-                                   "label": "Quality"}),
-    "cola": TsvLayout(_TRAIN_DEV, {"sentence": "sentence", "label": "label"},
-                      header=("source", "label", "original_label", "sentence")),
+    "qnli": TsvLayout(
+        _TRAIN_DEV, {"question": "question", "sentence": "sentence", "label": "label"}, string_labels=True
+    ),
+    "qqp": TsvLayout(_TRAIN_DEV, {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
+    "mnli": TsvLayout(
+        {"train": "train.tsv", "validation_matched": "dev_matched.tsv"},
+        {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"},
+        string_labels=True,
+    ),
+    "rte": TsvLayout(
+        _TRAIN_DEV, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, string_labels=True
+    ),
+    "mrpc": TsvLayout(_TRAIN_DEV, {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+    "cola": TsvLayout(
+        _TRAIN_DEV, {"sentence": "sentence", "label": "label"}, header=("source", "label", "original_label", "sentence")
+    ),
 }
 """TSV layout per task, as written by GLUE's ``download_glue_data.py``."""
 
@@ -122,10 +125,7 @@ def _to_dataset(table: pa.Table, spec: TaskSpec, where: str) -> datasets.Dataset
     cols = [*spec.text_columns, "label"]
     missing = [c for c in cols if c not in table.column_names]
     if missing:
-        raise DataNotFoundError(
-            f"{where}: columns {missing} missing for task {spec.name!r} "
-            f"(has {table.column_names})"
-        )
+        raise DataNotFoundError(f"{where}: columns {missing} missing for task {spec.name!r} (has {table.column_names})")
     features = spec.features()
     table = table.select(cols).replace_schema_metadata(None).cast(features.arrow_schema)
     _check_labels(table.column("label").to_numpy(), spec, where)
@@ -149,24 +149,25 @@ def _check_labels(labels: np.ndarray, spec: TaskSpec, where: str) -> None:
 def _read_tsv(path: Path, spec: TaskSpec, layout: TsvLayout, notes: list[str]) -> datasets.Dataset:
     try:
         df = pd.read_csv(
-            path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig", dtype=str,
-            keep_default_na=False, header=None if layout.header else 0,
+            path,
+            sep="\t",
+            quoting=csv.QUOTE_NONE,
+            encoding="utf-8-sig",
+            dtype=str,
+            keep_default_na=False,
+            header=None if layout.header else 0,
             names=list(layout.header) if layout.header else None,
         )
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot parse GLUE TSV {str(path)!r}: {exc}") from exc
     missing = [c for c in layout.columns.values() if c not in df.columns]
     if missing:
-        raise DataNotFoundError(
-            f"{path}: columns {missing} missing for task {spec.name!r} (has {list(df.columns)})"
-        )
+        raise DataNotFoundError(f"{path}: columns {missing} missing for task {spec.name!r} (has {list(df.columns)})")
     df = df[list(layout.columns.values())].rename(columns={v: k for k, v in layout.columns.items()})
     df = df.fillna("")  # fields missing from short lines
     unlabelled = df["label"].str.strip() == ""
     if unlabelled.any():
-        notes.append(
-            f"{path}: dropped {int(unlabelled.sum())} rows without a label (short or malformed lines)"
-        )
+        notes.append(f"{path}: dropped {int(unlabelled.sum())} rows without a label (short or malformed lines)")
         df = df[~unlabelled]
     raw = df["label"].str.strip()
     if layout.string_labels:
@@ -204,8 +205,7 @@ def _load_tsv(task_dir: Path, spec: TaskSpec) -> LocalSplits | None:
     train_path = task_dir / layout.files[spec.train_split]
     notes: list[str] = []
     train = _read_tsv(train_path, spec, layout, notes) if train_path.is_file() else None
-    return LocalSplits(train=train, eval=_read_tsv(eval_path, spec, layout, notes),
-                       fmt="tsv", notes=notes)
+    return LocalSplits(train=train, eval=_read_tsv(eval_path, spec, layout, notes), fmt="tsv", notes=notes)
 
 
 def load_local_splits(task_dir: Path, spec: TaskSpec, fmt: Format | None = None) -> LocalSplits:

@@ -21,18 +21,14 @@ def _as_predictions(predictions: ArrayLike, num_labels: int) -> np.ndarray:
     preds = np.asarray(predictions)
     if preds.ndim == 2:  # logits or probabilities, one row per example
         if preds.shape[1] != num_labels:
-            raise ValueError(
-                f"predictions have {preds.shape[1]} columns, expected {num_labels} (one per class)"
-            )
+            raise ValueError(f"predictions have {preds.shape[1]} columns, expected {num_labels} (one per class)")
         return preds.argmax(axis=1)
     if preds.ndim != 1:
         raise ValueError(f"predictions must be 1-D class ids or 2-D logits, got shape {preds.shape}")
     return preds
 
 
-def compute_metrics(
-    task_or_spec: str | TaskSpec, predictions: ArrayLike, labels: ArrayLike
-) -> dict[str, float]:
+def compute_metrics(task_or_spec: str | TaskSpec, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """Compute the task's metrics.
 
     Parameters

@@ -86,9 +86,7 @@ def parse_partition_spec(text: str) -> PartitionSpec:
     scheme, sep, param = str(text).strip().lower().partition(":")
     scheme, param = scheme.strip(), param.strip()
     if scheme not in SCHEMES:
-        raise ValueError(
-            f"unknown partition scheme {text!r}; expected 'iid', 'dirichlet' or 'dirichlet:<alpha>'"
-        )
+        raise ValueError(f"unknown partition scheme {text!r}; expected 'iid', 'dirichlet' or 'dirichlet:<alpha>'")
     if scheme == "iid":
         if sep:
             raise ValueError(f"the iid scheme takes no parameter, got {text!r}")
@@ -122,10 +120,7 @@ def _check_request(n: int, num_clients: Any, min_size: int) -> int:
             "more clients than examples would leave some client empty"
         )
     if num_clients * min_size > n:
-        raise ValueError(
-            f"cannot give {num_clients} clients at least {min_size} examples each "
-            f"from {n} examples"
-        )
+        raise ValueError(f"cannot give {num_clients} clients at least {min_size} examples each from {n} examples")
     return int(num_clients)
 
 
@@ -173,8 +168,7 @@ def partition_dataset(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown partition scheme {scheme!r}; expected one of {SCHEMES}")
-    if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) \
-            or min_partition_size < 1:
+    if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 1:
         raise ValueError(f"min_partition_size must be an integer >= 1, got {min_partition_size!r}")
     n = len(dataset)
     k = _check_request(n, num_clients, min_partition_size if scheme == "dirichlet" else 1)
@@ -191,9 +185,13 @@ def partition_dataset(
             raise ValueError(f"dirichlet partitioning needs a 'label' column, got {dataset.column_names}")
         a = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
         partitioner = DirichletPartitioner(
-            num_partitions=k, partition_by="label", alpha=a,
-            min_partition_size=min_partition_size, self_balancing=self_balancing,
-            shuffle=True, seed=seed,
+            num_partitions=k,
+            partition_by="label",
+            alpha=a,
+            min_partition_size=min_partition_size,
+            self_balancing=self_balancing,
+            shuffle=True,
+            seed=seed,
         )
         partitioner.dataset = _proxy({_ROW: rows, "label": label_array(dataset)})
     try:

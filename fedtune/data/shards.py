@@ -43,8 +43,17 @@ class ShardInfo:
     notes: list[str] = field(default_factory=list)
 
 
-def write_shards(task: str, clients: int, out: str | Path, *, data_dir: str | None = None, partition: str = "iid",
-                 seed: int = 0, max_train_examples: int | None = None, force: bool = False) -> list[ShardInfo]:
+def write_shards(
+    task: str,
+    clients: int,
+    out: str | Path,
+    *,
+    data_dir: str | None = None,
+    partition: str = "iid",
+    seed: int = 0,
+    max_train_examples: int | None = None,
+    force: bool = False,
+) -> list[ShardInfo]:
     """Split a GLUE task's training set into ``clients`` shard folders under ``out``.
 
     The split is the one ``fedtune simulate`` makes with the same task, partition, seed and
@@ -61,7 +70,9 @@ def write_shards(task: str, clients: int, out: str | Path, *, data_dir: str | No
     scheme = parse_partition_spec(partition)
     folder = Path(out)
     if (folder / "partition.json").exists() and not force:
-        raise ValueError(f"{folder} already holds shards (partition.json); pass --force to overwrite or choose another --out")
+        raise ValueError(
+            f"{folder} already holds shards (partition.json); pass --force to overwrite or choose another --out"
+        )
     data = load_glue(spec, data_dir, seed=seed, max_train_examples=max_train_examples)
     parts = [data.train] if clients == 1 else partition_dataset(data.train, clients, scheme.scheme, scheme.alpha, seed)
     described = describe_partitions(parts)
@@ -71,15 +82,35 @@ def write_shards(task: str, clients: int, out: str | Path, *, data_dir: str | No
         shard_dir = folder / name
         shard_dir.mkdir(parents=True, exist_ok=True)
         pq.write_table(part.with_format("arrow")[:], shard_dir / SHARD_FILE)
-        meta = {"schema": SHARD_SCHEMA, "task": spec.name, "name": name, "client": index, "clients": clients,
-                "examples": len(part), "label_counts": described[index]["label_counts"], "partition": str(scheme),
-                "seed": seed, "source": data.source, "notes": list(data.notes)}
+        meta = {
+            "schema": SHARD_SCHEMA,
+            "task": spec.name,
+            "name": name,
+            "client": index,
+            "clients": clients,
+            "examples": len(part),
+            "label_counts": described[index]["label_counts"],
+            "partition": str(scheme),
+            "seed": seed,
+            "source": data.source,
+            "notes": list(data.notes),
+        }
         atomic_write_json(shard_dir / "shard.json", meta)
         infos.append(ShardInfo(shard_dir / SHARD_FILE, spec.name, len(part), index, name, list(data.notes)))
-    atomic_write_json(folder / "partition.json", {
-        "schema": "fedtune.partition/1", "task": spec.name, "clients": clients, "partition": str(scheme), "seed": seed,
-        "max_train_examples": max_train_examples, "source": data.source, "notes": list(data.notes), "shards": described,
-    })
+    atomic_write_json(
+        folder / "partition.json",
+        {
+            "schema": "fedtune.partition/1",
+            "task": spec.name,
+            "clients": clients,
+            "partition": str(scheme),
+            "seed": seed,
+            "max_train_examples": max_train_examples,
+            "source": data.source,
+            "notes": list(data.notes),
+            "shards": described,
+        },
+    )
     return infos
 
 
@@ -87,7 +118,9 @@ def _parquet_path(path: Path) -> Path:
     if path.is_dir():
         candidate = path / SHARD_FILE
         if not candidate.is_file():
-            raise DataNotFoundError(f"--data {str(path)!r} holds no {SHARD_FILE} (expected a `fedtune partition` client folder or a parquet file)")
+            raise DataNotFoundError(
+                f"--data {str(path)!r} holds no {SHARD_FILE} (expected a `fedtune partition` client folder or a parquet file)"
+            )
         return candidate
     if path.is_file():
         if path.suffix != ".parquet":
@@ -110,7 +143,9 @@ def shard_info(path: str | Path) -> ShardInfo:
         raise ValueError(f"cannot read {parquet}: {type(err).__name__}: {err}") from None
     if rows < 1:
         raise ValueError(f"{parquet} holds no examples")
-    return ShardInfo(parquet, meta.get("task"), int(rows), meta.get("client"), meta.get("name"), list(meta.get("notes", [])))
+    return ShardInfo(
+        parquet, meta.get("task"), int(rows), meta.get("client"), meta.get("name"), list(meta.get("notes", []))
+    )
 
 
 def read_shard(path: str | Path, task: str | TaskSpec) -> datasets.Dataset:
@@ -137,4 +172,3 @@ def read_shard(path: str | Path, task: str | TaskSpec) -> datasets.Dataset:
     features = spec.features()
     table = table.select(columns).cast(features.arrow_schema)
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
-

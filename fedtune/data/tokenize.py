@@ -54,9 +54,7 @@ def tokenize_dataset(
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
     missing = [c for c in (*spec.text_columns, "label") if c not in dataset.column_names]
     if missing:
-        raise ValueError(
-            f"dataset lacks columns {missing} for task {spec.name!r} (has {dataset.column_names})"
-        )
+        raise ValueError(f"dataset lacks columns {missing} for task {spec.name!r} (has {dataset.column_names})")
     cols = spec.text_columns
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:

@@ -24,8 +24,8 @@ from fedtune.privacy.accountants.base import (
     register_accountant,
 )
 from fedtune.privacy.accountants.edgeworth import EdgeworthAccountant
-from fedtune.privacy.accountants.saddlepoint import SaddlePointAccountant
 from fedtune.privacy.accountants.reference import PLDAccountant, PRVAccountant, RDPAccountant, to_dp_event
+from fedtune.privacy.accountants.saddlepoint import SaddlePointAccountant
 
 __all__ = [
     "Accountant",

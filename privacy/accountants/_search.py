@@ -95,9 +95,15 @@ def last_crossing(
         # a jump rather than a root: accept only if the bracket collapsed onto it
         a2, b2 = x - 1e-9 * max(1.0, abs(x)), x + 1e-9 * max(1.0, abs(x))
         if not (g(a2) > 0 >= g(b2)):
-            raise AccountingError(f"root search for {what} did not converge: |f(x) - target| = {err:.3g} at x = {x:.6g}")
+            raise AccountingError(
+                f"root search for {what} did not converge: |f(x) - target| = {err:.3g} at x = {x:.6g}"
+            )
     if crossings > 1:
-        log.warning("%s: the approximation crosses the target %d times; the largest root (conservative) is used", what, crossings)
+        log.warning(
+            "%s: the approximation crosses the target %d times; the largest root (conservative) is used",
+            what,
+            crossings,
+        )
     return Crossing(x=float(x), crossings=max(crossings, 1))
 
 

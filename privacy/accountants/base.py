@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
-from fedtune.privacy.events import EventLike, Composition, as_composition, check_delta, check_epsilon
+from fedtune.privacy.events import Composition, EventLike, as_composition, check_delta, check_epsilon
 
 __all__ = [
     "Accountant",

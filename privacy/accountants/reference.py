@@ -16,7 +16,15 @@ import numpy as np
 from fedtune.privacy.accountants.base import Accountant, register_accountant
 from fedtune.privacy.events import Composition
 
-__all__ = ["PLDAccountant", "RDPAccountant", "PRVAccountant", "RDP_ORDERS", "certifier", "CERTIFIER_DISCRETIZATION", "AdaptivePLDAccountant"]
+__all__ = [
+    "PLDAccountant",
+    "RDPAccountant",
+    "PRVAccountant",
+    "RDP_ORDERS",
+    "certifier",
+    "CERTIFIER_DISCRETIZATION",
+    "AdaptivePLDAccountant",
+]
 
 #: Coarsest loss grid of the certifying PLD accountant. The pessimistic bound is certified at any
 #: step, but its slack grows with the step and the number of compositions, so the certifier refines
@@ -48,7 +56,6 @@ class PLDAccountant(Accountant):
         self.value_discretization_interval = float(value_discretization_interval)
 
     def _accountant(self, composition: Composition):  # type: ignore[no-untyped-def]
-        import dp_accounting
         from dp_accounting.pld import pld_privacy_accountant
 
         acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=self.value_discretization_interval)

@@ -90,7 +90,11 @@ def _tilted_inclusions(composition: Composition, s: float) -> float:
     total = 0.0
     for (q, sigma), steps in composition.grouped().items():
         plrv = plrv_for(q, sigma)
-        total += steps * -math.expm1(math.log1p(-q) + plrv.cgf_derivatives(s - 1.0)[0] - plrv.cgf_derivatives(s)[0]) if q < 1 else steps
+        total += (
+            steps * -math.expm1(math.log1p(-q) + plrv.cgf_derivatives(s - 1.0)[0] - plrv.cgf_derivatives(s)[0])
+            if q < 1
+            else steps
+        )
     return total
 
 
@@ -180,6 +184,7 @@ class SaddlePointAccountant(Accountant):
         s_min = _s_min(composition)
         worst = 0.0
         for direction in (0, 1):
+
             def log_delta(s: float, direction: int = direction) -> float:
                 return _log_delta_at(_direction_cgf(composition, s, direction), s)
 
@@ -195,7 +200,9 @@ class SaddlePointAccountant(Accountant):
     def _saddle_delta(self, composition: Composition, epsilon: float) -> float:
         s_min = _s_min(composition)
         # the add-direction loss -L = -log r(x) is bounded by sum T log(1/(1-q)): beyond it delta is 0
-        add_bound = sum(steps * -math.log1p(-q) if q < 1 else math.inf for (q, _), steps in composition.grouped().items())
+        add_bound = sum(
+            steps * -math.log1p(-q) if q < 1 else math.inf for (q, _), steps in composition.grouped().items()
+        )
         worst = 0.0
         for direction in (0, 1):
             if direction == 1 and epsilon >= add_bound:

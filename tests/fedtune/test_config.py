@@ -10,7 +10,9 @@ from fedtune.config import RunConfig
 
 
 def test_round_trips() -> None:
-    config = RunConfig(epsilon=math.inf, clients=3, max_train_examples=120, lora_targets="query,value", min_shard_size=16)
+    config = RunConfig(
+        epsilon=math.inf, clients=3, max_train_examples=120, lora_targets="query,value", min_shard_size=16
+    )
     assert RunConfig.from_dict(config.to_dict()) == config
     assert RunConfig.from_flower(config.to_flower()) == config
     assert all(v is not None for v in config.to_flower().values())  # Flower run_config has no None

@@ -24,7 +24,13 @@ from fedtune.batching import (
     pack_dataset,
     partition_sorted,
 )
-from fedtune.model import LoraSettings, build_peft_model, get_trainable_state, load_model_and_tokenizer, set_trainable_state
+from fedtune.model import (
+    LoraSettings,
+    build_peft_model,
+    get_trainable_state,
+    load_model_and_tokenizer,
+    set_trainable_state,
+)
 from fedtune.train import (
     MemoryGuard,
     StepProgress,
@@ -57,13 +63,20 @@ def sst2(glue_dir: Path, tokenizer_and_base: tuple[Any, nn.Module]) -> dict[str,
     tokenizer = tokenizer_and_base[0]
     data = load_glue("sst2", glue_dir, seed=0, max_train_examples=600, max_eval_examples=100)
     train = tokenize_dataset(data.train, tokenizer, data.spec, max_length=64)
-    return {"train": train, "packed": pack_dataset(train, tokenizer), "collator": make_collator(tokenizer), "tokenizer": tokenizer}
+    return {
+        "train": train,
+        "packed": pack_dataset(train, tokenizer),
+        "collator": make_collator(tokenizer),
+        "tokenizer": tokenizer,
+    }
 
 
 def _peft(base: nn.Module) -> nn.Module:
     model = build_peft_model(copy.deepcopy(base), LoraSettings(), seed=0)
     gen = torch.Generator().manual_seed(100)  # B = 0 at init would make every LoRA A gradient zero
-    set_trainable_state(model, {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in get_trainable_state(model).items()})
+    set_trainable_state(
+        model, {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in get_trainable_state(model).items()}
+    )
     model.train()
     return model
 
@@ -78,12 +91,26 @@ def _rows(packed: PackedDataset, count: int) -> np.ndarray:
     return order[np.linspace(0, len(order) - 1, count).round().astype(int)]
 
 
-def _dp_run(base: nn.Module, micro: list[MicroBatch], *, sigma: float, clip: float, expected_b: int,
-            noise_seed: int = 0, precision: str = "fp32") -> tuple[nn.Module, list[nn.Parameter]]:
+def _dp_run(
+    base: nn.Module,
+    micro: list[MicroBatch],
+    *,
+    sigma: float,
+    clip: float,
+    expected_b: int,
+    noise_seed: int = 0,
+    precision: str = "fp32",
+) -> tuple[nn.Module, list[nn.Parameter]]:
     model = _peft(base)
     params = _trainable(model)
-    gsm, opt = attach_dp(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
-                         expected_batch_size=expected_b, noise_generator=torch.Generator().manual_seed(noise_seed))
+    gsm, opt = attach_dp(
+        model,
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=expected_b,
+        noise_generator=torch.Generator().manual_seed(noise_seed),
+    )
     dp_logical_step(gsm, opt, micro, CPU, precision)
     grads = [p.grad.detach().clone() for p in params]
     sums = [p.summed_grad.detach().clone() for p in params]
@@ -96,8 +123,9 @@ def _dp_run(base: nn.Module, micro: list[MicroBatch], *, sigma: float, clip: flo
 
 
 @pytest.mark.parametrize("clip", [0.05, 100.0])  # clipping binding for every example, and never
-def test_noiseless_clipped_sum_over_micro_batches_equals_single_batch(tokenizer_and_base: tuple[Any, nn.Module],
-                                                                      sst2: dict[str, Any], clip: float) -> None:
+def test_noiseless_clipped_sum_over_micro_batches_equals_single_batch(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any], clip: float
+) -> None:
     packed = sst2["packed"]
     rows = _rows(packed, 13)
     split = packed.micro_batches(rows, 4)
@@ -115,8 +143,9 @@ def test_noiseless_clipped_sum_over_micro_batches_equals_single_batch(tokenizer_
         assert total > 0.5 * clip
 
 
-def test_one_noise_draw_per_logical_step_with_std_sigma_c_over_b(tokenizer_and_base: tuple[Any, nn.Module],
-                                                                 sst2: dict[str, Any]) -> None:
+def test_one_noise_draw_per_logical_step_with_std_sigma_c_over_b(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     sigma, clip, expected_b = 0.9, 0.5, 16
     packed = sst2["packed"]
     rows = _rows(packed, 12)
@@ -140,8 +169,14 @@ def test_empty_logical_batch_is_one_noisy_step(tokenizer_and_base: tuple[Any, nn
     model = _peft(tokenizer_and_base[1])
     before = get_trainable_state(model)
     params = _trainable(model)
-    gsm, opt = attach_dp(model, torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=clip,
-                         expected_batch_size=expected_b, noise_generator=torch.Generator().manual_seed(3))
+    gsm, opt = attach_dp(
+        model,
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=expected_b,
+        noise_generator=torch.Generator().manual_seed(3),
+    )
     assert dp_logical_step(gsm, opt, [], CPU) == (0.0, 0)
     detach_dp(gsm)
     update = torch.cat([(get_trainable_state(model)[k] - before[k]).flatten() for k in before])
@@ -149,11 +184,16 @@ def test_empty_logical_batch_is_one_noisy_step(tokenizer_and_base: tuple[Any, nn
     assert abs(float(update.std()) / (sigma * clip / expected_b) - 1) < 0.02
 
 
-def test_plain_logical_step_equals_one_big_batch(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
+def test_plain_logical_step_equals_one_big_batch(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     packed = sst2["packed"]
     rows = _rows(packed, 10)
     states = []
-    for micro in (packed.micro_batches(rows, 3), packed.micro_batches(rows, 64, overhead_tokens=10**9, min_efficiency=0.0)):
+    for micro in (
+        packed.micro_batches(rows, 3),
+        packed.micro_batches(rows, 64, overhead_tokens=10**9, min_efficiency=0.0),
+    ):
         model = _peft(tokenizer_and_base[1])
         params = _trainable(model)
         loss_sum, n = plain_logical_step(model, torch.optim.SGD(params, lr=0.5), micro, CPU)
@@ -164,25 +204,35 @@ def test_plain_logical_step_equals_one_big_batch(tokenizer_and_base: tuple[Any, 
 
 
 @pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no bf16 support")
-def test_bf16_clipping_bounds_each_example_exactly(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
+def test_bf16_clipping_bounds_each_example_exactly(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     """Under bf16 autocast the per-sample gradients are float32 before their norms are taken, so
     each example's clipped contribution is at most C."""
     packed, clip = sst2["packed"], 1e-3
     for row in _rows(packed, 4):
-        model, _ = _dp_run(tokenizer_and_base[1], packed.micro_batches([row], 8), sigma=0.0, clip=clip, expected_b=1,
-                           precision="bf16")
+        model, _ = _dp_run(
+            tokenizer_and_base[1], packed.micro_batches([row], 8), sigma=0.0, clip=clip, expected_b=1, precision="bf16"
+        )
         norm = math.sqrt(sum(float((s.double() ** 2).sum()) for s in model.sums))  # type: ignore[attr-defined]
         assert all(s.dtype == torch.float32 for s in model.sums)  # type: ignore[attr-defined]
         assert clip * 0.99 < norm <= clip * (1 + 1e-5)
 
 
-def test_bf16_refused_on_a_device_without_it(monkeypatch: pytest.MonkeyPatch, tokenizer_and_base: tuple[Any, nn.Module],
-                                             sst2: dict[str, Any]) -> None:
+def test_bf16_refused_on_a_device_without_it(
+    monkeypatch: pytest.MonkeyPatch, tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     import fedtune.train as train_module
 
     monkeypatch.setattr(train_module, "bf16_supported", lambda device="cpu": False)
     with pytest.raises(ValueError, match=r"precision 'bf16' needs bfloat16 support.*cpu.*use 'fp32'"):
-        train_local(_peft(tokenizer_and_base[1]), sst2["packed"], None, TrainConfig(batch_size=4, steps=1, precision="bf16"), CPU)
+        train_local(
+            _peft(tokenizer_and_base[1]),
+            sst2["packed"],
+            None,
+            TrainConfig(batch_size=4, steps=1, precision="bf16"),
+            CPU,
+        )
 
 
 # ---------------------------------------------------------------- packing and length-sorted micro-batches
@@ -201,7 +251,7 @@ def test_packed_micro_batches_equal_the_collators_batches(sst2: dict[str, Any]) 
     order = rows[np.argsort(lengths[rows], kind="stable")]
     start = 0
     for mb in micro:
-        chunk = [int(i) for i in order[start:start + mb.size]]
+        chunk = [int(i) for i in order[start : start + mb.size]]
         start += mb.size
         reference = sst2["collator"]([sst2["train"][i] for i in chunk])
         for key in ("input_ids", "attention_mask", "labels"):
@@ -251,8 +301,9 @@ def test_partition_is_optimal_and_covers_every_example() -> None:
 
 
 @pytest.mark.parametrize("logical_batch", [64, 256, 1024, 4096])
-def test_padding_efficiency_at_least_80_percent_on_sst2(glue_dir: Path, tokenizer_and_base: tuple[Any, nn.Module],
-                                                        logical_batch: int) -> None:
+def test_padding_efficiency_at_least_80_percent_on_sst2(
+    glue_dir: Path, tokenizer_and_base: tuple[Any, nn.Module], logical_batch: int
+) -> None:
     import pandas as pd
 
     frame = pd.read_parquet(glue_dir / "sst2" / "hf_parquet" / "train-00000-of-00001.parquet", columns=["sentence"])
@@ -282,12 +333,14 @@ def test_auto_physical_batch_size_follows_model_length_and_batch(tokenizer_and_b
 # ---------------------------------------------------------------- train_local with micro-batches
 
 
-def test_train_local_reports_tokens_and_uses_micro_batches(tokenizer_and_base: tuple[Any, nn.Module],
-                                                           sst2: dict[str, Any]) -> None:
+def test_train_local_reports_tokens_and_uses_micro_batches(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     model = _peft(tokenizer_and_base[1])
     reports: list[StepProgress] = []
-    config = TrainConfig(batch_size=64, steps=3, noise_multiplier=1.0, physical_batch_size=8, log_every=1,
-                         dp_randomness="seeded", seed=1)
+    config = TrainConfig(
+        batch_size=64, steps=3, noise_multiplier=1.0, physical_batch_size=8, log_every=1, dp_randomness="seeded", seed=1
+    )
     result = train_local(model, sst2["train"], sst2["collator"], config, CPU, progress=reports.append)
     assert result.physical_batch_size == 8 and result.steps == 3
     assert 0.8 <= result.padding_efficiency <= 1.0
@@ -299,10 +352,14 @@ def test_train_local_reports_tokens_and_uses_micro_batches(tokenizer_and_base: t
         torch.testing.assert_close(result.state[key], other.state[key], rtol=1e-3, atol=1e-5)
 
 
-def test_train_local_in_place_trains_the_given_model(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
+def test_train_local_in_place_trains_the_given_model(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     model = _peft(tokenizer_and_base[1])
     before = get_trainable_state(model)
-    result = train_local(model, sst2["packed"], None, TrainConfig(batch_size=16, steps=2, noise_multiplier=1.0), CPU, in_place=True)
+    result = train_local(
+        model, sst2["packed"], None, TrainConfig(batch_size=16, steps=2, noise_multiplier=1.0), CPU, in_place=True
+    )
     after = get_trainable_state(model)
     assert all(torch.equal(after[k], result.state[k]) for k in after)
     assert not all(torch.equal(after[k], before[k]) for k in after)
@@ -311,13 +368,18 @@ def test_train_local_in_place_trains_the_given_model(tokenizer_and_base: tuple[A
 
 def test_train_local_needs_a_tokenizer_to_pack(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="PackedDataset, or a collator with a .tokenizer"):
-        train_local(_peft(tokenizer_and_base[1]), sst2["train"], lambda rows: rows, TrainConfig(batch_size=4, steps=1), CPU)
+        train_local(
+            _peft(tokenizer_and_base[1]), sst2["train"], lambda rows: rows, TrainConfig(batch_size=4, steps=1), CPU
+        )
 
 
-@pytest.mark.parametrize(("kwargs", "pattern"), [
-    ({"physical_batch_size": 0}, r"physical_batch_size.*>= 1.*0"),
-    ({"precision": "fp16"}, r"precision.*fp32, bf16.*'fp16'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"physical_batch_size": 0}, r"physical_batch_size.*>= 1.*0"),
+        ({"precision": "fp16"}, r"precision.*fp32, bf16.*'fp16'"),
+    ],
+)
 def test_config_rejects_bad_engine_settings(kwargs: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         TrainConfig(**kwargs)
@@ -345,7 +407,9 @@ def test_memory_guard_trims_only_past_the_working_set(monkeypatch: pytest.Monkey
     monkeypatch.setattr(train_module, "release_memory", lambda collect=True: calls.append(collect))
     guard = MemoryGuard(slack_bytes=100, warmup_steps=2)
     rss = iter([1000, 1200, 1250, 1300, 1301, 1250])
-    monkeypatch.setattr(guard, "_process", type("P", (), {"memory_info": lambda self: type("M", (), {"rss": next(rss)})()})())
+    monkeypatch.setattr(
+        guard, "_process", type("P", (), {"memory_info": lambda self: type("M", (), {"rss": next(rss)})()})()
+    )
     for _ in range(6):
         guard()
     # one trim at the end of the warm-up (a clean start), then only past working set + slack
@@ -358,8 +422,19 @@ def test_progress_logs_one_line_per_round_off_a_terminal(caplog: pytest.LogCaptu
     caplog.set_level(logging.INFO, logger="fedtune.progress")
     with TrainingProgress("client 3 round 2", 10, epsilon_before=1.5, epsilon_after=2.25, terminal=False) as progress:
         for step in range(1, 11):
-            progress(StepProgress(step, 10, 64, 0.5, 0.5, seconds=step * 2.0, examples_seen=64 * step,
-                                  real_tokens=800 * step, computed_tokens=1000 * step))
+            progress(
+                StepProgress(
+                    step,
+                    10,
+                    64,
+                    0.5,
+                    0.5,
+                    seconds=step * 2.0,
+                    examples_seen=64 * step,
+                    real_tokens=800 * step,
+                    computed_tokens=1000 * step,
+                )
+            )
     lines = [r.getMessage() for r in caplog.records if r.name == "fedtune.progress"]
     assert len(lines) == 1
     assert "client 3 round 2: 10/10 steps, 32 ex/s, padding efficiency 80%" in lines[0]
@@ -371,7 +446,18 @@ def test_progress_bar_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
 
     with TrainingProgress("client 0 round 1", 4, terminal=True) as progress:
         for step in range(1, 5):
-            progress(StepProgress(step, 4, 8, 0.4, 0.4, seconds=float(step), examples_seen=8 * step,
-                                  real_tokens=90 * step, computed_tokens=100 * step))
+            progress(
+                StepProgress(
+                    step,
+                    4,
+                    8,
+                    0.4,
+                    0.4,
+                    seconds=float(step),
+                    examples_seen=8 * step,
+                    real_tokens=90 * step,
+                    computed_tokens=100 * step,
+                )
+            )
     err = capsys.readouterr().err
     assert "client 0 round 1" in err and "4/4" in err and "pad 90%" in err and "no DP" in err

@@ -41,8 +41,13 @@ def _reference(model: nn.Module, dataset: Any, collator: Any) -> tuple[torch.Ten
     with torch.no_grad():
         for i in range(len(dataset)):  # one example at a time: no padding at all
             batch = collator([dataset[i]])
-            logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                token_type_ids=batch.get("token_type_ids")).logits[0])
+            logits.append(
+                model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    token_type_ids=batch.get("token_type_ids"),
+                ).logits[0]
+            )
             labels.append(batch["labels"][0])
     return torch.stack(logits), torch.stack(labels)
 

@@ -206,9 +206,7 @@ def test_pooler_can_be_trained_on_request(base_and_tokenizer: tuple[nn.Module, o
     import copy
 
     base, _ = base_and_tokenizer
-    model = build_peft_model(
-        copy.deepcopy(base), LoraSettings(modules_to_save=("classifier", "pooler"))
-    )
+    model = build_peft_model(copy.deepcopy(base), LoraSettings(modules_to_save=("classifier", "pooler")))
     pooler = [n for n, p in model.named_parameters() if p.requires_grad and "pooler" in n]
     assert sorted(n.rsplit(".", 1)[-1] for n in pooler) == ["bias", "weight"]
 
@@ -216,12 +214,24 @@ def test_pooler_can_be_trained_on_request(base_and_tokenizer: tuple[nn.Module, o
 @pytest.mark.parametrize(
     ("model_type", "extra", "targets", "heads"),
     [
-        ("distilbert", {"dim": 32, "hidden_dim": 64, "n_layers": 1, "n_heads": 2}, ("q_lin", "v_lin"),
-         ("pre_classifier", "classifier")),
-        ("roberta", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2}, ("query", "value"), ("classifier",)),
-        ("deberta-v2", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                        "num_attention_heads": 2}, ("query_proj", "value_proj"), ("pooler", "classifier")),
+        (
+            "distilbert",
+            {"dim": 32, "hidden_dim": 64, "n_layers": 1, "n_heads": 2},
+            ("q_lin", "v_lin"),
+            ("pre_classifier", "classifier"),
+        ),
+        (
+            "roberta",
+            {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+            ("query", "value"),
+            ("classifier",),
+        ),
+        (
+            "deberta-v2",
+            {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+            ("query_proj", "value_proj"),
+            ("pooler", "classifier"),
+        ),
     ],
 )
 def test_default_targets_of_other_architectures(

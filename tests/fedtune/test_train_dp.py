@@ -156,8 +156,7 @@ def test_opacus_per_sample_grads_equal_autograd(exact_base: nn.Module, sst2: dic
     assert int(batch["attention_mask"].sum(1).min()) < batch["attention_mask"].shape[1]  # padded
     expected = _per_example_grads(model, sst2, rows)
 
-    gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=0.0, max_grad_norm=1.0,
-                            expected_batch_size=len(rows))
+    gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=len(rows))
     gsm(**batch).loss.backward()
     names = list(_trainable(model))
     assert len(names) == 26  # 24 LoRA A/B + classifier weight/bias
@@ -167,7 +166,10 @@ def test_opacus_per_sample_grads_equal_autograd(exact_base: nn.Module, sst2: dic
             ref = expected[i][name]
             assert float(ref.abs().max()) > 0, name
             torch.testing.assert_close(
-                param.grad_sample[i], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()),
+                param.grad_sample[i],
+                ref,
+                rtol=1e-4,
+                atol=1e-5 * float(ref.abs().max()),
                 msg=lambda m, n=name, i=i: f"{n}, example {i}: {m}",
             )
     detach_dp(gsm)
@@ -183,13 +185,12 @@ def test_clipping_bounds_each_contribution(exact_base: nn.Module, sst2: dict[str
     norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in d.values())) for d in per_example])
     clip = float(norms.median()) * 0.5  # clips most examples, not necessarily all
 
-    gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=0.0, max_grad_norm=clip,
-                            expected_batch_size=len(rows))
+    gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=len(rows))
     dp_step(gsm, dp_opt, _batch(sst2, rows), CPU)
     params = _trainable(model)
-    gs_norms = torch.stack(
-        [p.grad_sample.reshape(len(rows), -1).norm(dim=1) for p in params.values()], dim=1
-    ).norm(dim=1)
+    gs_norms = torch.stack([p.grad_sample.reshape(len(rows), -1).norm(dim=1) for p in params.values()], dim=1).norm(
+        dim=1
+    )
     torch.testing.assert_close(gs_norms, norms, rtol=1e-4, atol=0)
     factors = (clip / (gs_norms + 1e-6)).clamp(max=1.0)
     assert int((factors < 1).sum()) >= 3
@@ -205,8 +206,7 @@ def test_clipping_bounds_each_contribution(exact_base: nn.Module, sst2: dict[str
     for row, raw in zip(rows, norms):
         model1 = _peft(exact_base)
         before = get_trainable_state(model1)
-        gsm, dp_opt = attach_dp(model1, _sgd(model1), noise_multiplier=0.0, max_grad_norm=clip,
-                                expected_batch_size=1)
+        gsm, dp_opt = attach_dp(model1, _sgd(model1), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=1)
         dp_step(gsm, dp_opt, _batch(sst2, [row]), CPU)
         summed = torch.sqrt(sum((p.summed_grad**2).sum() for p in _trainable(model1).values()))
         assert float(summed) <= clip + 1e-6
@@ -237,9 +237,14 @@ def test_empty_batch_step_adds_noise_of_std_sigma_c_over_b(exact_base: nn.Module
     sigma, clip, expected_b = 1.5, 0.8, 16
     model = _peft(exact_base)
     before = get_trainable_state(model)
-    gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=sigma, max_grad_norm=clip,
-                            expected_batch_size=expected_b,
-                            noise_generator=torch.Generator().manual_seed(5))
+    gsm, dp_opt = attach_dp(
+        model,
+        _sgd(model),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=expected_b,
+        noise_generator=torch.Generator().manual_seed(5),
+    )
     empty = EmptySafeCollator(lambda xs: xs, ["input_ids", "attention_mask", "label"])([])
     assert dp_step(gsm, dp_opt, empty, CPU) is None  # no loss, but a step
     detach_dp(gsm)
@@ -252,14 +257,17 @@ def test_empty_batch_step_adds_noise_of_std_sigma_c_over_b(exact_base: nn.Module
 def test_noise_on_a_real_batch_has_std_sigma_c_over_b(exact_base: nn.Module, sst2: dict[str, Any]) -> None:
     sigma, clip, expected_b = 0.7, 0.5, 8
     model = _peft(exact_base)
-    gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=sigma, max_grad_norm=clip,
-                            expected_batch_size=expected_b,
-                            noise_generator=torch.Generator().manual_seed(6))
+    gsm, dp_opt = attach_dp(
+        model,
+        _sgd(model),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=expected_b,
+        noise_generator=torch.Generator().manual_seed(6),
+    )
     dp_step(gsm, dp_opt, _batch(sst2, list(range(8))), CPU)
     # p.grad = (sum of clipped grads + noise) / B, p.summed_grad = sum of clipped grads
-    noise = torch.cat(
-        [(p.grad / 1.0 - p.summed_grad / expected_b).flatten() for p in _trainable(model).values()]
-    )
+    noise = torch.cat([(p.grad / 1.0 - p.summed_grad / expected_b).flatten() for p in _trainable(model).values()])
     detach_dp(gsm)
     _noise_std_check(noise, sigma * clip / expected_b)
 
@@ -269,8 +277,14 @@ def test_noise_is_reproducible_from_the_generator(exact_base: nn.Module) -> None
     for seed in (1, 1, 2):
         model = _peft(exact_base)
         before = get_trainable_state(model)
-        gsm, dp_opt = attach_dp(model, _sgd(model), noise_multiplier=1.0, max_grad_norm=1.0,
-                                expected_batch_size=4, noise_generator=torch.Generator().manual_seed(seed))
+        gsm, dp_opt = attach_dp(
+            model,
+            _sgd(model),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            noise_generator=torch.Generator().manual_seed(seed),
+        )
         dp_step(gsm, dp_opt, {"input_ids": torch.zeros((0, 0), dtype=torch.long)}, CPU)
         detach_dp(gsm)
         after = get_trainable_state(model)
@@ -298,8 +312,13 @@ def test_noiseless_unclipped_dp_step_equals_plain_step(
     plain = _peft(exact_base)
     plain_opt = make_optimizer(list(_trainable(plain).values()), config)
     private = _peft(exact_base)
-    gsm, dp_opt = attach_dp(private, make_optimizer(list(_trainable(private).values()), config),
-                            noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=len(rows))
+    gsm, dp_opt = attach_dp(
+        private,
+        make_optimizer(list(_trainable(private).values()), config),
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        expected_batch_size=len(rows),
+    )
     start = get_trainable_state(plain)
     plain_step(plain, plain_opt, batch, CPU)
     dp_step(gsm, dp_opt, batch, CPU)
@@ -346,8 +365,7 @@ def test_empty_poisson_batches_collate_to_empty_dicts(sst2: dict[str, Any]) -> N
     sizes = [batch_size_of(b) for _ in range(5) for b in loader]
     assert sizes.count(0) > 10
     first_empty_seed = next(
-        s for s in range(100)
-        if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 0.05).any()
+        s for s in range(100) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 0.05).any()
     )
     loader = poisson_loader(train, sst2["collator"], 0.05, torch.Generator().manual_seed(first_empty_seed))
     first = next(iter(loader))
@@ -370,8 +388,9 @@ def test_detach_dp_leaves_nothing_behind(exact_base: nn.Module, sst2: dict[str, 
     model = _peft(exact_base)
     hooks_before = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
     for _ in range(2):  # attaching again after a detach must work (no "hooks twice" error)
-        gsm, dp_opt = attach_dp(model, _sgd(model, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
-                                expected_batch_size=4)
+        gsm, dp_opt = attach_dp(
+            model, _sgd(model, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4
+        )
         assert sum(len(m._forward_hooks) for m in model.modules()) > hooks_before
         dp_step(gsm, dp_opt, _batch(sst2, [0, 1, 2, 3]), CPU)
         assert detach_dp(gsm) is model
@@ -379,16 +398,17 @@ def test_detach_dp_leaves_nothing_behind(exact_base: nn.Module, sst2: dict[str, 
     assert hooks_before == 0
 
 
-def test_train_local_dp_counts_steps_and_cleans_up(tokenizer_and_base: tuple[Any, nn.Module],
-                                                  sst2: dict[str, Any]) -> None:
+def test_train_local_dp_counts_steps_and_cleans_up(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     model = _peft(tokenizer_and_base[1], randomize=False)
     before = get_trainable_state(model)
     train = sst2["train"].select(range(40))
-    config = TrainConfig(batch_size=8, steps=3, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, log_every=1,
-                         dp_randomness="seeded")
+    config = TrainConfig(
+        batch_size=8, steps=3, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, log_every=1, dp_randomness="seeded"
+    )
     reports: list[StepProgress] = []
-    results = [train_local(model, train, sst2["collator"], config, CPU, progress=reports.append)
-               for _ in range(2)]
+    results = [train_local(model, train, sst2["collator"], config, CPU, progress=reports.append) for _ in range(2)]
     r = results[0]
     assert (r.steps, r.num_examples, r.noise_multiplier, r.max_grad_norm) == (3, 40, 1.0, 1.0)
     assert r.sampling_rate == 8 / 40
@@ -405,8 +425,7 @@ def test_train_local_dp_counts_steps_and_cleans_up(tokenizer_and_base: tuple[Any
     assert not all(torch.equal(other.state[k], r.state[k]) for k in before)
 
 
-def test_dp_randomness_is_secret_by_default(tokenizer_and_base: tuple[Any, nn.Module],
-                                            sst2: dict[str, Any]) -> None:
+def test_dp_randomness_is_secret_by_default(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
     """With the default, knowing the seed does not let anyone recompute the noise or batches."""
     model = _peft(tokenizer_and_base[1], randomize=False)
     train = sst2["train"].select(range(16))
@@ -416,13 +435,15 @@ def test_dp_randomness_is_secret_by_default(tokenizer_and_base: tuple[Any, nn.Mo
     assert not all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
-def test_train_local_empty_batches_are_noisy_steps(tokenizer_and_base: tuple[Any, nn.Module],
-                                                   sst2: dict[str, Any]) -> None:
+def test_train_local_empty_batches_are_noisy_steps(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     model = _peft(tokenizer_and_base[1], randomize=False)
     before = get_trainable_state(model)
     train = sst2["train"].select(range(8))
-    config = TrainConfig(batch_size=1, steps=12, noise_multiplier=1.0, learning_rate=1e-3, seed=0,
-                         dp_randomness="seeded")
+    config = TrainConfig(
+        batch_size=1, steps=12, noise_multiplier=1.0, learning_rate=1e-3, seed=0, dp_randomness="seeded"
+    )
     result = train_local(model, train, sst2["collator"], config, CPU)
     # q = 1/8: each batch is empty with probability (7/8)^8 = 0.34
     assert result.steps == 12 and 1 <= result.empty_batches <= 11
@@ -430,8 +451,9 @@ def test_train_local_empty_batches_are_noisy_steps(tokenizer_and_base: tuple[Any
     # A single-step run whose only batch is empty still moves every coordinate (AdamW's
     # first step is lr * sign(noise)).
     for seed in range(40):
-        one = train_local(model, train, sst2["collator"],
-                          TrainConfig(**{**config.__dict__, "steps": 1, "seed": seed}), CPU)
+        one = train_local(
+            model, train, sst2["collator"], TrainConfig(**{**config.__dict__, "steps": 1, "seed": seed}), CPU
+        )
         if one.empty_batches == 1:
             break
     else:  # pragma: no cover - probability 0.66^40
@@ -443,8 +465,9 @@ def test_train_local_empty_batches_are_noisy_steps(tokenizer_and_base: tuple[Any
     assert float(((delta - 1e-3).abs() < 1e-6).double().mean()) > 0.999
 
 
-def test_train_local_rejects_impossible_dp_sampling(tokenizer_and_base: tuple[Any, nn.Module],
-                                                    sst2: dict[str, Any]) -> None:
+def test_train_local_rejects_impossible_dp_sampling(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     model = _peft(tokenizer_and_base[1], randomize=False)
     small = sst2["train"].select(range(4))
     with pytest.raises(ValueError, match="batch_size 8 exceeds the 4"):
@@ -464,8 +487,7 @@ def _accuracy(model: nn.Module, state: dict[str, torch.Tensor], sst2: dict[str, 
 
 
 @pytest.mark.slow
-def test_non_private_training_learns_sst2(tokenizer_and_base: tuple[Any, nn.Module],
-                                          sst2: dict[str, Any]) -> None:
+def test_non_private_training_learns_sst2(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
     labels = np.array(sst2["eval"]["labels"])
     majority = max(labels.mean(), 1 - labels.mean())
     assert majority < 0.56
@@ -477,8 +499,7 @@ def test_non_private_training_learns_sst2(tokenizer_and_base: tuple[Any, nn.Modu
 
 
 @pytest.mark.slow
-def test_clipped_low_noise_dp_training_learns(tokenizer_and_base: tuple[Any, nn.Module],
-                                              sst2: dict[str, Any]) -> None:
+def test_clipped_low_noise_dp_training_learns(tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]) -> None:
     """The DP path (Poisson batches, per-example clipping at C = 1, noise) still learns with little noise.
 
     Measured while building this test (B = 64, 60 steps, 4,000 examples): sigma = 0.01 reaches 0.78 dev
@@ -487,8 +508,7 @@ def test_clipped_low_noise_dp_training_learns(tokenizer_and_base: tuple[Any, nn.
     batches and more data are needed for useful DP utility (issue 4 measures it).
     """
     model = _peft(tokenizer_and_base[1], randomize=False)
-    config = TrainConfig(batch_size=32, steps=80, noise_multiplier=0.01, max_grad_norm=1.0,
-                         dp_randomness="seeded")
+    config = TrainConfig(batch_size=32, steps=80, noise_multiplier=0.01, max_grad_norm=1.0, dp_randomness="seeded")
     result = train_local(model, sst2["train"], sst2["collator"], config, CPU)
     assert result.sampling_rate == pytest.approx(32 / 1500)
     accuracy = _accuracy(model, result.state, sst2)
@@ -496,8 +516,9 @@ def test_clipped_low_noise_dp_training_learns(tokenizer_and_base: tuple[Any, nn.
 
 
 @pytest.mark.slow
-def test_modest_noise_dp_training_learns_a_ranking(tokenizer_and_base: tuple[Any, nn.Module],
-                                                   sst2: dict[str, Any]) -> None:
+def test_modest_noise_dp_training_learns_a_ranking(
+    tokenizer_and_base: tuple[Any, nn.Module], sst2: dict[str, Any]
+) -> None:
     """sigma 0.8, B 32, 80 steps (q = 0.021) on 1,500 examples: too noisy to classify well,
     but the dev ranking must improve. Observed: every dev example lands on the train majority
     class (accuracy = the minority rate 0.495 for both seeds tried: the class prior is the
@@ -508,8 +529,7 @@ def test_modest_noise_dp_training_learns_a_ranking(tokenizer_and_base: tuple[Any
     from torch.utils.data import DataLoader
 
     model = _peft(tokenizer_and_base[1], randomize=False)
-    config = TrainConfig(batch_size=32, steps=80, noise_multiplier=0.8, max_grad_norm=1.0,
-                         dp_randomness="seeded")
+    config = TrainConfig(batch_size=32, steps=80, noise_multiplier=0.8, max_grad_norm=1.0, dp_randomness="seeded")
     result = train_local(model, sst2["train"], sst2["collator"], config, CPU)
     assert result.steps == 80 and result.noise_multiplier == 0.8
     assert 0.8 * 80 * 32 < result.examples_seen < 1.2 * 80 * 32  # Poisson: q N per step on average

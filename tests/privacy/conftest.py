@@ -30,7 +30,7 @@ def accountant_for_tests(name: str) -> Accountant:
     return cheap_pld() if name == "pld" else get_accountant(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_pld_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
     return cheap_pld().get_epsilon(SubsampledGaussianEvent(q, sigma, steps), delta)
 

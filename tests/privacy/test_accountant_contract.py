@@ -19,7 +19,8 @@ from fedtune.privacy.accountants import (
     register_accountant,
 )
 from fedtune.privacy.accountants import base as accountants_base
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event
+from fedtune.privacy.events import Composition
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 
 DELTA = 1e-5
 BASE = (0.02, 1.2, 500)  # (q, sigma, steps): a cell every accountant handles quickly
@@ -190,7 +191,9 @@ class TestAccountantContract:
             acc.get_epsilon(Event(0.1, 1.0, steps), DELTA)
         assert repr(steps) in str(err.value) and "integer" in str(err.value)
 
-    @pytest.mark.parametrize("delta, shown", [(0.0, "0.0"), (1.0, "1.0"), (-1e-5, "-1e-05"), (1.5, "1.5"), (math.inf, "inf")])
+    @pytest.mark.parametrize(
+        "delta, shown", [(0.0, "0.0"), (1.0, "1.0"), (-1e-5, "-1e-05"), (1.5, "1.5"), (math.inf, "inf")]
+    )
     def test_bad_delta(self, acc, delta, shown):
         with pytest.raises(ValueError) as err:
             acc.get_epsilon(Event(*BASE), delta)

@@ -8,7 +8,8 @@ import pytest
 
 from fedtune.privacy.accountants import Accountant, PLDAccountant, get_accountant
 from fedtune.privacy.calibration import Calibration, calibrate_noise, certifier, smallest_sigma
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event
+from fedtune.privacy.events import Composition
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 
 DELTA = 1e-5
 

@@ -12,7 +12,8 @@ from scipy.stats import norm
 from fedtune.privacy.accountants import AccountingError, EdgeworthAccountant, get_accountant
 from fedtune.privacy.accountants._search import increasing_root, last_crossing
 from fedtune.privacy.accountants.edgeworth import survival_edgeworth
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event
+from fedtune.privacy.events import Composition
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 from fedtune.privacy.plrv import plrv_for
 
 

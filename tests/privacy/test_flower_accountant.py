@@ -49,7 +49,11 @@ def test_compose_and_epsilon_match_our_accountant():
     spent = acc.get_privacy_spent()
     assert isinstance(spent, PrivacySpent)
     assert (spent.epsilon, spent.delta, spent.num_releases, spent.accounting_method) == (
-        sp.get_epsilon(events, DELTA), DELTA, 400, "saddlepoint")
+        sp.get_epsilon(events, DELTA),
+        DELTA,
+        400,
+        "saddlepoint",
+    )
     assert acc.get_privacy_spent(1e-6).epsilon == sp.get_epsilon(events, 1e-6)
 
 
@@ -136,7 +140,9 @@ def test_plugs_into_flower_dp_strategy():
         FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=10, accountant=acc
     )
     assert strategy.accountant is acc
-    assert strategy.privacy_spent() == PrivacySpent(epsilon=0.0, delta=DELTA, num_releases=0, accounting_method="saddlepoint")
+    assert strategy.privacy_spent() == PrivacySpent(
+        epsilon=0.0, delta=DELTA, num_releases=0, accounting_method="saddlepoint"
+    )
     acc.compose(GaussianPrivacyEvent(1.0, 10, POPULATION), count=3)
     assert strategy.privacy_spent().epsilon == get_accountant("saddlepoint").get_epsilon(Event(1.0, 1.0, 3), DELTA)
 
@@ -145,7 +151,9 @@ def test_flower_refuses_poisson_for_fixed_clipping():
     # Flower's own constraint (not fedtune's): server-side fixed clipping accounts without amplification
     acc = FlowerPrivacyAccountant(config(SamplingMethod.POISSON))
     with pytest.raises(ValueError, match="no-amplification"):
-        DifferentialPrivacyServerSideFixedClipping(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=10, accountant=acc)
+        DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=10, accountant=acc
+        )
 
 
 def test_flower_budget_guard_uses_would_exceed():

@@ -15,9 +15,10 @@ import time
 import pytest
 
 import fedtune.io
-from fedtune.privacy.accountants import PLDAccountant, get_accountant
+from fedtune.privacy.accountants import get_accountant
 from fedtune.privacy.calibration import certifier
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event
+from fedtune.privacy.events import Composition
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 from fedtune.privacy.ledger import LEDGER_SCHEMA, BudgetCheck, LedgerEntry, PrivacyLedger
 
 DELTA = 1e-5
@@ -118,7 +119,15 @@ class TestBudgetCheck:
         after = certifier().get_epsilon(ledger.composition("alice") + planned, DELTA)
         assert answer.epsilon_after == pytest.approx(after, rel=1e-12)
         assert answer.epsilon_after > spent + 0.5 == answer.budget
-        for text in ("'alice'", f"{spent:.4g}", "2000 steps", "q = 0.05", "sigma = 1", f"{after:.4g}", f"budget {spent + 0.5:g}"):
+        for text in (
+            "'alice'",
+            f"{spent:.4g}",
+            "2000 steps",
+            "q = 0.05",
+            "sigma = 1",
+            f"{after:.4g}",
+            f"budget {spent + 0.5:g}",
+        ):
             assert text in answer.reason, (text, answer.reason)
 
     def test_allows_within_budget(self, ledger):

@@ -14,7 +14,8 @@ from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
 from fedtune.privacy.accountants import get_accountant  # noqa: E402
 from fedtune.privacy.calibration import calibrate_noise  # noqa: E402
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event  # noqa: E402
+from fedtune.privacy.events import Composition  # noqa: E402
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 from fedtune.privacy.opacus_accountant import (  # noqa: E402
     EdgeworthOpacusAccountant,
     FedtuneOpacusAccountant,
@@ -43,7 +44,12 @@ def test_registration(registered):
 
 def test_get_noise_multiplier_matches_calibrate_noise(registered):
     sigma = get_noise_multiplier(
-        target_epsilon=2.0, target_delta=1e-5, sample_rate=0.02, steps=500, accountant="saddlepoint", epsilon_tolerance=0.005
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        sample_rate=0.02,
+        steps=500,
+        accountant="saddlepoint",
+        epsilon_tolerance=0.005,
     )
     estimate = calibrate_noise(2.0, 1e-5, 0.02, 500, certify=False).sigma
     assert sigma == pytest.approx(estimate, rel=0.01)
@@ -100,7 +106,12 @@ def test_privacy_engine_reports_our_epsilon(registered):
         engine = opacus.PrivacyEngine(accountant="saddlepoint")
         assert isinstance(engine.accountant, SaddlePointOpacusAccountant)
         model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.3, max_grad_norm=1.0, poisson_sampling=True
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.3,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
         )
         steps = 0
         while steps < 20:

@@ -63,8 +63,20 @@ def test_epsilon_table(capsys):
 # -- calibrate ----------------------------------------------------------------------------------
 def test_calibrate_json(capsys):
     code, out, err = run(
-        capsys, "privacy", "calibrate", "--epsilon", "2", "--delta", "1e-5", "--q", "0.02", "--steps", "500",
-        "--accountants", "saddlepoint,edgeworth", "--json",
+        capsys,
+        "privacy",
+        "calibrate",
+        "--epsilon",
+        "2",
+        "--delta",
+        "1e-5",
+        "--q",
+        "0.02",
+        "--steps",
+        "500",
+        "--accountants",
+        "saddlepoint,edgeworth",
+        "--json",
     )
     assert code == 0 and err == ""
     data = json.loads(out)
@@ -83,8 +95,19 @@ def test_calibrate_json(capsys):
 
 def test_calibrate_table_warns_about_an_understating_accountant(capsys):
     code, out, _ = run(
-        capsys, "privacy", "calibrate", "--epsilon", "3", "--delta", "1e-5", "--q", "0.01", "--steps", "1000",
-        "--accountants", "saddlepoint,edgeworth1",
+        capsys,
+        "privacy",
+        "calibrate",
+        "--epsilon",
+        "3",
+        "--delta",
+        "1e-5",
+        "--q",
+        "0.01",
+        "--steps",
+        "1000",
+        "--accountants",
+        "saddlepoint,edgeworth1",
     )
     assert code == 0
     assert out.splitlines()[0] == "noise multiplier for epsilon = 3, delta = 1e-05, q = 0.01, steps = 1000"
@@ -102,15 +125,37 @@ def ledger_path(tmp_path):
     return led.path
 
 
+def test_ledger_of_a_run_folder_reads_its_ledger_json(capsys, ledger_path):
+    code, out, err = run(capsys, "privacy", "ledger", str(ledger_path.parent))
+    assert code == 0 and err == ""
+    assert out.splitlines()[0] == f"privacy ledger {ledger_path}: 2 clients, delta = 1e-05"
+
+
 def test_ledger_table(capsys, ledger_path):
     code, out, _ = run(capsys, "privacy", "ledger", str(ledger_path))
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == f"privacy ledger {ledger_path}: 2 clients, delta = 1e-05"
-    assert lines[1].split() == ["client", "rounds", "steps", "examples", "epsilon", "(saddlepoint)", "epsilon", "(certified)"]
+    assert lines[1].split() == [
+        "client",
+        "rounds",
+        "steps",
+        "examples",
+        "epsilon",
+        "(saddlepoint)",
+        "epsilon",
+        "(certified)",
+    ]
     led = PrivacyLedger.load(ledger_path)
     alice = lines[3].split()
-    assert alice == ["alice", "2", "400", "4000", f"{led.epsilon('alice'):.4f}", f"{led.certified_epsilon('alice'):.4f}"]
+    assert alice == [
+        "alice",
+        "2",
+        "400",
+        "4000",
+        f"{led.epsilon('alice'):.4f}",
+        f"{led.certified_epsilon('alice'):.4f}",
+    ]
     assert lines[4].split()[0] == "bob"
     assert f"composed record-level epsilon (max over clients, certified): {led.composed_epsilon():.4f}" in out
     assert "client-level" not in out
@@ -119,7 +164,9 @@ def test_ledger_table(capsys, ledger_path):
 def test_ledger_json_with_another_accountant_and_delta(capsys, ledger_path):
     led = PrivacyLedger.load(ledger_path)
     led.record_server_event(0, Event(0.1, 1.0, 1))
-    code, out, _ = run(capsys, "privacy", "ledger", str(ledger_path), "--accountant", "edgeworth", "--delta", "1e-6", "--json")
+    code, out, _ = run(
+        capsys, "privacy", "ledger", str(ledger_path), "--accountant", "edgeworth", "--delta", "1e-6", "--json"
+    )
     assert code == 0
     data = json.loads(out)
     assert data["delta"] == 1e-6 and data["accountant"] == "edgeworth"
@@ -136,13 +183,38 @@ def test_ledger_json_with_another_accountant_and_delta(capsys, ledger_path):
     "argv, fragments",
     [
         (["privacy", "epsilon", "--q", "1.5", "--sigma", "1", "--steps", "10", "--delta", "1e-5"], ["1.5", "(0, 1]"]),
-        (["privacy", "epsilon", "--q", "0.1", "--sigma", "1", "--steps", "10", "--delta", "2"], ["delta", "2.0", "(0, 1)"]),
-        (["privacy", "epsilon", "--q", "0.1", "--sigma", "-1", "--steps", "10", "--delta", "1e-5"], ["-1.0", "(0, inf)"]),
+        (
+            ["privacy", "epsilon", "--q", "0.1", "--sigma", "1", "--steps", "10", "--delta", "2"],
+            ["delta", "2.0", "(0, 1)"],
+        ),
+        (
+            ["privacy", "epsilon", "--q", "0.1", "--sigma", "-1", "--steps", "10", "--delta", "1e-5"],
+            ["-1.0", "(0, inf)"],
+        ),
         (["privacy", "epsilon", "--q", "0.1", "--sigma", "1", "--steps", "0", "--delta", "1e-5"], ["steps", "got 0"]),
-        (["privacy", "calibrate", "--epsilon", "0", "--delta", "1e-5", "--q", "0.1", "--steps", "10"], ["epsilon", "got 0.0", "(0, inf]"]),
-        (["privacy", "calibrate", "--epsilon", "1", "--delta", "1e-5", "--q", "0.1", "--steps", "10", "--accountant", "nope"],
-         ["'nope'", "available:", "saddlepoint", "pld"]),
+        (
+            ["privacy", "calibrate", "--epsilon", "0", "--delta", "1e-5", "--q", "0.1", "--steps", "10"],
+            ["epsilon", "got 0.0", "(0, inf]"],
+        ),
+        (
+            [
+                "privacy",
+                "calibrate",
+                "--epsilon",
+                "1",
+                "--delta",
+                "1e-5",
+                "--q",
+                "0.1",
+                "--steps",
+                "10",
+                "--accountant",
+                "nope",
+            ],
+            ["'nope'", "available:", "saddlepoint", "pld"],
+        ),
         (["privacy", "ledger", "/nonexistent/ledger.json"], ["no privacy ledger at /nonexistent/ledger.json"]),
+        (["privacy", "ledger", "/"], ["/ is a folder without a ledger.json", "pass a ledger file or the --out folder"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, argv, fragments):

@@ -9,7 +9,8 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fedtune.privacy.accountants import PLDAccountant, get_accountant, to_dp_event
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event
+from fedtune.privacy.events import Composition
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 
 
 def test_rdp_matches_opacus_published_value():

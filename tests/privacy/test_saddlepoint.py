@@ -12,7 +12,8 @@ from scipy.stats import norm
 
 from fedtune.privacy.accountants import AccountingError, get_accountant
 from fedtune.privacy.accountants.saddlepoint import _direction_cgf, _log_delta_at
-from fedtune.privacy.events import Composition, SubsampledGaussianEvent as Event
+from fedtune.privacy.events import Composition
+from fedtune.privacy.events import SubsampledGaussianEvent as Event
 
 # (q, sigma, steps, delta): q * steps from 10 to 90 (the regime the expansion is built for)
 ACCURATE_CELLS = [

@@ -12,7 +12,12 @@ from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 
 
 def make(round_: int) -> Checkpoint:
-    return Checkpoint(round_, {"a": np.full((2, 2), float(round_), np.float32)}, [{"round": round_, "accuracy": 0.5 + round_ / 10}], {"task": "sst2"})
+    return Checkpoint(
+        round_,
+        {"a": np.full((2, 2), float(round_), np.float32)},
+        [{"round": round_, "accuracy": 0.5 + round_ / 10}],
+        {"task": "sst2"},
+    )
 
 
 def test_save_and_load(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.privacy.events import SubsampledGaussianEvent
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.server.strategy import PRIVACY_KEY, LedgerStrategy
+from fedtune.protocol import PRIVACY_KEY
+from fedtune.server.strategy import LedgerStrategy
 from fedtune.server.validation import InvalidUpdate, validate_update
 
 
@@ -21,24 +22,41 @@ def _task_identity(flower_task_identity: None) -> None:
     """Messages built here need Flower's task identity (see tests/conftest.py)."""
 
 
-REFERENCE = ArrayRecord({"lora_A": Array(np.zeros((2, 3), dtype=np.float32)), "head": Array(np.zeros(4, dtype=np.float32))})
+REFERENCE = ArrayRecord(
+    {"lora_A": Array(np.zeros((2, 3), dtype=np.float32)), "head": Array(np.zeros(4, dtype=np.float32))}
+)
 
 
-def reply(node: int, arrays: dict[str, np.ndarray], examples: int, *, client: str | None = None, status: str = "ok",
-          event: SubsampledGaussianEvent = SubsampledGaussianEvent(0.1, 1.0, 10)) -> Message:
+def reply(
+    node: int,
+    arrays: dict[str, np.ndarray],
+    examples: int,
+    *,
+    client: str | None = None,
+    status: str = "ok",
+    event: SubsampledGaussianEvent = SubsampledGaussianEvent(0.1, 1.0, 10),
+) -> Message:
     """A train reply from ``node`` as a ClientApp would send it."""
     TaskIdentity.node_id = 0
     request = Message(RecordDict({"arrays": REFERENCE}), dst_node_id=node, message_type="train")
     TaskIdentity.node_id = node
-    privacy = ConfigRecord({
-        "client-id": client or str(node), "status": status, "sampling-rate": event.sampling_rate,
-        "noise-multiplier": event.noise_multiplier, "steps": event.steps, "examples": examples,
-    })
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": examples}),
-        PRIVACY_KEY: privacy,
-    })
+    privacy = ConfigRecord(
+        {
+            "client-id": client or str(node),
+            "status": status,
+            "sampling-rate": event.sampling_rate,
+            "noise-multiplier": event.noise_multiplier,
+            "steps": event.steps,
+            "examples": examples,
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": examples}),
+            PRIVACY_KEY: privacy,
+        }
+    )
     return Message(content, reply_to=request)
 
 
@@ -86,7 +104,10 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(bad: dict[str, np.ndarra
 
 def test_validate_update_names_the_key() -> None:
     with pytest.raises(InvalidUpdate, match="'head'"):
-        validate_update(ArrayRecord({"lora_A": Array(np.zeros((2, 3), np.float32)), "head": Array(np.zeros(5, np.float32))}), REFERENCE)
+        validate_update(
+            ArrayRecord({"lora_A": Array(np.zeros((2, 3), np.float32)), "head": Array(np.zeros(5, np.float32))}),
+            REFERENCE,
+        )
 
 
 def test_refusal_is_not_aggregated_and_the_client_is_left_out() -> None:
@@ -120,7 +141,9 @@ def test_duplicate_reply_counts_once() -> None:
 def test_two_nodes_claiming_one_client_id_are_rejected_not_a_crash() -> None:
     strategy = make_strategy(budget=50.0)
     other = SubsampledGaussianEvent(0.2, 1.0, 10)  # a different event for the same (client, round)
-    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(1.0), 100, client="alice"), reply(2, arrays(3.0), 100, client="alice", event=other)])
+    agg, _ = strategy.aggregate_train(
+        1, [reply(1, arrays(1.0), 100, client="alice"), reply(2, arrays(3.0), 100, client="alice", event=other)]
+    )
     assert agg is not None
     np.testing.assert_allclose(agg["head"].numpy(), 1.0)  # only the first, recorded update is averaged
     assert strategy.ledger.composition("alice").steps == 10

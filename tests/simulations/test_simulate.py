@@ -23,30 +23,60 @@ from fedtune.privacy.ledger import PrivacyLedger
 pytestmark = pytest.mark.slow
 
 ARGS = [
-    "--task", "sst2", "--clients", "2", "--rounds", "2", "--epsilon", "8", "--delta", "1e-5",
-    "--max-train-examples", "160", "--max-eval-examples", "96", "--local-steps", "3", "--batch-size", "16",
-    "--seed", "3",
+    "--task",
+    "sst2",
+    "--clients",
+    "2",
+    "--rounds",
+    "2",
+    "--epsilon",
+    "8",
+    "--delta",
+    "1e-5",
+    "--max-train-examples",
+    "160",
+    "--max-eval-examples",
+    "96",
+    "--local-steps",
+    "3",
+    "--batch-size",
+    "16",
+    "--seed",
+    "3",
 ]
 
 
 def fedtune(*args: str, data: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FEDTUNE_DATA_DIR": str(data)}
-    result = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"fedtune {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, glue_dir: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory, glue_dir: Path
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("sim") / "run"
     return out, fedtune("simulate", *ARGS, "--out", str(out), data=glue_dir)
 
 
 def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, result = finished_run
-    for name in ("config.json", "summary.json", "metrics.csv", "ledger.json", "plot.png", "checkpoint/state.json",
-                 "adapter/adapter_config.json", "clients/client-0/ledger.json", "clients/client-1/ledger.json"):
+    for name in (
+        "config.json",
+        "summary.json",
+        "metrics.csv",
+        "ledger.json",
+        "plot.png",
+        "checkpoint/state.json",
+        "adapter/adapter_config.json",
+        "clients/client-0/ledger.json",
+        "clients/client-1/ledger.json",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
@@ -83,13 +113,22 @@ def test_adapter_loads_with_peft(finished_run: tuple[Path, subprocess.CompletedP
     assert any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path,
-                                                 glue_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_run_resumes_with_the_same_ledger(
+    finished_run: tuple[Path, subprocess.CompletedProcess[str]],
+    tmp_path: Path,
+    glue_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     reference, _ = finished_run
     out = tmp_path / "run"
     env = {**os.environ, "FEDTUNE_DATA_DIR": str(glue_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "simulate", *ARGS, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.cli", "simulate", *ARGS, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 400
     try:
@@ -107,7 +146,10 @@ def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subpr
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(glue_dir))
     assert main(["simulate", *ARGS, "--out", str(out)]) == 2  # never overwrite a run silently: --resume is needed
     fedtune("simulate", "--resume", str(out), data=glue_dir)
-    assert PrivacyLedger.load(out / "ledger.json").to_dict()["entries"] == PrivacyLedger.load(reference / "ledger.json").to_dict()["entries"]
+    assert (
+        PrivacyLedger.load(out / "ledger.json").to_dict()["entries"]
+        == PrivacyLedger.load(reference / "ledger.json").to_dict()["entries"]
+    )
     for cid in ("0", "1"):
         got = PrivacyLedger.load(out / "clients" / f"client-{cid}" / "ledger.json").to_dict()["entries"]
         want = PrivacyLedger.load(reference / "clients" / f"client-{cid}" / "ledger.json").to_dict()["entries"]
@@ -127,8 +169,14 @@ def test_killed_run_resumes_with_the_same_ledger(finished_run: tuple[Path, subpr
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
     ],
 )
-def test_bad_input_is_refused_before_training(args: list[str], message: str, tmp_path: Path, glue_dir: Path,
-                                             capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_refused_before_training(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    glue_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from fedtune.cli import main
 
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(glue_dir))

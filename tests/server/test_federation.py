@@ -33,16 +33,40 @@ import httpx
 import psutil
 import pytest
 
-from fedtune.certs import create_certificates, create_client_keys
 from fedtune.data.shards import write_shards
+from fedtune.deployment import create_certificates, create_client_keys, free_port
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.processes import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-RUN = ["--clients", "2", "--rounds", "2", "--epsilon", "8", "--delta", "1e-5", "--local-steps", "2", "--batch-size", "16",
-       "--max-length", "64", "--max-eval-examples", "50", "--seed", "3",
-       "--min-clients", "1", "--round-retries", "1", "--round-timeout", "150", "--wait-timeout", "120"]
+RUN = [
+    "--clients",
+    "2",
+    "--rounds",
+    "2",
+    "--epsilon",
+    "8",
+    "--delta",
+    "1e-5",
+    "--local-steps",
+    "2",
+    "--batch-size",
+    "16",
+    "--max-length",
+    "64",
+    "--max-eval-examples",
+    "50",
+    "--seed",
+    "3",
+    "--min-clients",
+    "1",
+    "--round-retries",
+    "1",
+    "--round-timeout",
+    "150",
+    "--wait-timeout",
+    "120",
+]
 
 
 @dataclass
@@ -83,20 +107,46 @@ class Federation:
     # -- processes ---------------------------------------------------------------------------
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         with open(self.root / f"{name}.log", "ab") as handle:
-            proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune.cli", *args],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
     def client_args(self, name: str, **overrides: str) -> list[str]:
         home = self.machine(name)
-        args = {"--superlink": f"127.0.0.1:{self.port}", "--data": str(home / "data"), "--epsilon": "8", "--delta": "1e-5",
-                "--client-id": name, "--root-certificates": str(home / "ca.crt"), "--auth-key": str(home / "keys" / name), **overrides}
+        args = {
+            "--superlink": f"127.0.0.1:{self.port}",
+            "--data": str(home / "data"),
+            "--epsilon": "8",
+            "--delta": "1e-5",
+            "--client-id": name,
+            "--root-certificates": str(home / "ca.crt"),
+            "--auth-key": str(home / "keys" / name),
+            **overrides,
+        }
         return ["client", *[x for k, v in args.items() for x in ((k,) if v == "" else (k, v)) if v is not None]]
 
     def server_args(self) -> list[str]:
-        return ["server", *RUN, "--out", str(self.out), "--host", "127.0.0.1", "--port", str(self.port),
-                "--certs", str(self.server / "certs"), "--client-keys", str(self.server / "client-keys")]
+        return [
+            "server",
+            *RUN,
+            "--out",
+            str(self.out),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--certs",
+            str(self.server / "certs"),
+            "--client-keys",
+            str(self.server / "client-keys"),
+        ]
 
     def wait(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -104,7 +154,9 @@ class Federation:
             if predicate():
                 return
             time.sleep(0.5)
-        tails = "\n".join(f"--- {n}.log ---\n{self.log(n)[-2500:]}" for n in ("server", "server-resumed", "alice", "bob"))
+        tails = "\n".join(
+            f"--- {n}.log ---\n{self.log(n)[-2500:]}" for n in ("server", "server-resumed", "alice", "bob")
+        )
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
     def ours(self, flwr_home: str | None = None) -> list[psutil.Process]:
@@ -177,12 +229,29 @@ def _refusals(fed: Federation) -> None:
     """Clients that must not get in, tried while the server waits for its clients."""
     attempts = {
         "unregistered": fed.client_args("mallory", **{"--max-wait-time": "20"}),
-        "plaintext": fed.client_args("mallory", **{"--insecure": "", "--root-certificates": None, "--auth-key": None, "--max-wait-time": "8"}),
-        "other-ca": fed.client_args("alice", **{"--root-certificates": str(fed.root / "other-ca" / "ca.crt"), "--max-wait-time": "8",
-                                                "--state-dir": str(fed.root / "alice-other-ca-state")}),
+        "plaintext": fed.client_args(
+            "mallory", **{"--insecure": "", "--root-certificates": None, "--auth-key": None, "--max-wait-time": "8"}
+        ),
+        "other-ca": fed.client_args(
+            "alice",
+            **{
+                "--root-certificates": str(fed.root / "other-ca" / "ca.crt"),
+                "--max-wait-time": "8",
+                "--state-dir": str(fed.root / "alice-other-ca-state"),
+            },
+        ),
     }
-    running = {label: subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True, env=fed.env, start_new_session=True) for label, args in attempts.items()}
+    running = {
+        label: subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=fed.env,
+            start_new_session=True,
+        )
+        for label, args in attempts.items()
+    }
     fed.procs.extend(running.values())  # type: ignore[arg-type]
     for label, proc in running.items():  # all at once: each waits on the network, not the CPU
         stdout, stderr = proc.communicate(timeout=120)
@@ -213,7 +282,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory, glue_dir: Path) -> Iter
         time.sleep(2)
         fed.server_left_after_kill = [p.name() for p in fed.ours(flwr_home=str(fed.out / "deploy" / "flwr-home"))]
         resumed = fed.start("server-resumed", "server", "--resume", str(fed.out))
-        fed.wait("the resumed run", lambda: "resumed run" in fed.log("server-resumed") or resumed.poll() is not None, 120)
+        fed.wait(
+            "the resumed run", lambda: "resumed run" in fed.log("server-resumed") or resumed.poll() is not None, 120
+        )
         match = re.search(r"resumed run (\d+)", fed.log("server-resumed"))
         assert match, fed.log("server-resumed")
         fed.resumed_run = int(match.group(1))
@@ -251,14 +322,25 @@ def test_unregistered_and_unencrypted_clients_are_refused(federation: Federation
 
 def test_only_the_fleet_api_is_exposed(federation: Federation) -> None:
     assert federation.control_status == 404  # nobody can register a key or start a run through the public port
-    assert federation.fleet_status != 404  # the Fleet API answers (here: a garbage request is rejected by the SuperLink)
+    assert (
+        federation.fleet_status != 404
+    )  # the Fleet API answers (here: a garbage request is rejected by the SuperLink)
 
 
 def test_the_run_finishes_with_every_output(federation: Federation) -> None:
     assert federation.server_rc == 0, federation.log("server-resumed")[-3000:]
     out = federation.out
-    for name in ("summary.json", "metrics.csv", "plot.png", "ledger.json", "config.json", "checkpoint/state.json",
-                 "adapter/adapter_config.json", "deploy/superlink.db", "deploy/app/pyproject.toml"):
+    for name in (
+        "summary.json",
+        "metrics.csv",
+        "plot.png",
+        "ledger.json",
+        "config.json",
+        "checkpoint/state.json",
+        "adapter/adapter_config.json",
+        "deploy/superlink.db",
+        "deploy/app/pyproject.toml",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2] and summary["stop_reason"] is None
@@ -278,7 +360,10 @@ def test_a_restarted_server_resumes_and_counts_nothing_twice(federation: Federat
     alice = _ledger(federation.machine("alice") / "data" / "state" / "ledger.json")
     assert sorted(alice) == [("alice", 1), ("alice", 2)]
     assert {k: v for k, v in server.items() if k[0] == "alice"} == alice  # same events, each (client, round) once
-    decisions = [json.loads(line) for line in (federation.machine("alice") / "data" / "state" / "events.jsonl").read_text().splitlines()]
+    decisions = [
+        json.loads(line)
+        for line in (federation.machine("alice") / "data" / "state" / "events.jsonl").read_text().splitlines()
+    ]
     trained = [d["round"] for d in decisions if d["decision"] == "trained"]
     assert sorted(trained) == [1, 2]  # trained each round exactly once; asked again, it re-sent
     assert "alice: paid for round(s) [1, 2]" in federation.log("alice") and federation.alice_rc == 130

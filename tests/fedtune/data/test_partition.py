@@ -103,7 +103,8 @@ def test_min_partition_size_is_respected(mnli_train: datasets.Dataset) -> None:
 
 def test_describe_partitions_hand_checked() -> None:
     ds = datasets.Dataset.from_dict({"label": [0, 0, 1, 1, 1, 2]}).cast_column(
-        "label", datasets.ClassLabel(names=["a", "b", "c"]))
+        "label", datasets.ClassLabel(names=["a", "b", "c"])
+    )
     parts = [ds.select([0, 2, 3]), ds.select([1, 4, 5])]
     assert describe_partitions(parts) == [
         {"client": 0, "examples": 3, "label_counts": {0: 1, 1: 2, 2: 0}},

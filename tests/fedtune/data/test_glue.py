@@ -84,9 +84,7 @@ def test_tasks_with_train_split_have_readme_row_counts(local: dict[str, GlueData
 
 
 @pytest.mark.parametrize("task", sorted(DEV_ONLY))
-def test_dev_only_tasks_are_split_with_a_note(
-    glue_dir: Path, local: dict[str, GlueData], task: str
-) -> None:
+def test_dev_only_tasks_are_split_with_a_note(glue_dir: Path, local: dict[str, GlueData], task: str) -> None:
     data, spec, n = local[task], TASKS[task], DEV_ONLY[task]
     n_eval = math.ceil(0.2 * n)
     assert (len(data.train), len(data.eval)) == (n - n_eval, n_eval)
@@ -117,9 +115,7 @@ def test_readme_label_distributions(local: dict[str, GlueData]) -> None:
 
 
 @pytest.mark.parametrize("task", ["sst2", "rte", "mrpc", "cola", "qnli"])
-def test_parquet_and_tsv_give_identical_rows(
-    glue_dir: Path, local: dict[str, GlueData], task: str
-) -> None:
+def test_parquet_and_tsv_give_identical_rows(glue_dir: Path, local: dict[str, GlueData], task: str) -> None:
     tsv = load_glue(task, glue_dir, source="local-tsv")
     assert tsv.source == "local-tsv"
     parquet = local[task]
@@ -154,13 +150,17 @@ def test_mnli_and_qqp_tsv_layouts(glue_dir: Path, tmp_path: Path, local: dict[st
     # The offline copy has no MNLI/QQP TSV: write them in the GLUE layout from the parquet.
     names = TASKS["mnli"].label_names
     mnli = parquet_rows(glue_dir, "mnli", "validation_matched")
-    _write_tsv(tmp_path / "MNLI" / "dev_matched.tsv",
-               ["index", "genre", "sentence1", "sentence2", "label1", "gold_label"],
-               [[str(i), "fiction", p, h, names[y], names[y]] for i, (p, h, y) in enumerate(mnli)])
+    _write_tsv(
+        tmp_path / "MNLI" / "dev_matched.tsv",
+        ["index", "genre", "sentence1", "sentence2", "label1", "gold_label"],
+        [[str(i), "fiction", p, h, names[y], names[y]] for i, (p, h, y) in enumerate(mnli)],
+    )
     qqp = parquet_rows(glue_dir, "qqp", "validation")
-    _write_tsv(tmp_path / "QQP" / "dev.tsv",
-               ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
-               [[str(i), "1", "2", a, b, str(y)] for i, (a, b, y) in enumerate(qqp)])
+    _write_tsv(
+        tmp_path / "QQP" / "dev.tsv",
+        ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+        [[str(i), "1", "2", a, b, str(y)] for i, (a, b, y) in enumerate(qqp)],
+    )
     for task in ("mnli", "qqp"):
         tsv = load_glue(task, tmp_path)
         assert tsv.source == "local-tsv"
@@ -169,8 +169,11 @@ def test_mnli_and_qqp_tsv_layouts(glue_dir: Path, tmp_path: Path, local: dict[st
 
 
 def test_tsv_rows_with_missing_fields_are_dropped_with_a_note(tmp_path: Path) -> None:
-    _write_tsv(tmp_path / "sst2" / "dev.tsv", ["sentence", "label"],
-               [["good film ", "1"], ["truncated line"], ["bad film ", "0"], ["fine ", "1"]])
+    _write_tsv(
+        tmp_path / "sst2" / "dev.tsv",
+        ["sentence", "label"],
+        [["good film ", "1"], ["truncated line"], ["bad film ", "0"], ["fine ", "1"]],
+    )
     data = load_glue("sst2", tmp_path, max_train_examples=None)
     assert len(data.train) + len(data.eval) == 3
     assert any("dropped 1 rows without a label" in n for n in data.notes)
@@ -231,9 +234,7 @@ def test_glue_data_folder_spelling(glue_dir: Path, tmp_path: Path) -> None:
     assert len(load_glue("rte", tmp_path / "RTE").eval) == 277
 
 
-def test_env_var_is_used_and_explicit_dir_wins(
-    glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_env_var_is_used_and_explicit_dir_wins(glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DATA_DIR_ENV, str(glue_dir))
     assert load_glue("rte").source == "local-parquet"
     missing = tmp_path / "nowhere"
@@ -257,12 +258,15 @@ def test_hub_unreachable_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_hub_dataset_is_normalised(glue_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = glue_dir / "mnli" / "hf_parquet"
-    hub = datasets.DatasetDict({
-        # the hub has a train split; stand it in with the mismatched dev set
-        "train": datasets.Dataset.from_parquet(str(base / "validation_mismatched-00000-of-00001.parquet")),
-        "validation_matched": datasets.Dataset.from_parquet(
-            str(base / "validation_matched-00000-of-00001.parquet")),
-    })
+    hub = datasets.DatasetDict(
+        {
+            # the hub has a train split; stand it in with the mismatched dev set
+            "train": datasets.Dataset.from_parquet(str(base / "validation_mismatched-00000-of-00001.parquet")),
+            "validation_matched": datasets.Dataset.from_parquet(
+                str(base / "validation_matched-00000-of-00001.parquet")
+            ),
+        }
+    )
     calls: list[tuple] = []
 
     def fake(*args: object, **kwargs: object) -> datasets.DatasetDict:
@@ -312,7 +316,8 @@ def test_unlabelled_split_is_refused(glue_dir: Path, tmp_path: Path) -> None:
     pq_dir = tmp_path / "sst2" / "hf_parquet"
     pq_dir.mkdir(parents=True)
     (pq_dir / "validation-00000-of-00001.parquet").symlink_to(
-        glue_dir / "sst2" / "hf_parquet" / "test-00000-of-00001.parquet")
+        glue_dir / "sst2" / "hf_parquet" / "test-00000-of-00001.parquet"
+    )
     with pytest.raises(ValueError, match=r"labels \[-1\]"):
         load_glue("sst2", tmp_path)
 
@@ -321,14 +326,18 @@ def test_wrong_task_files_are_refused(glue_dir: Path, tmp_path: Path) -> None:
     pq_dir = tmp_path / "rte" / "hf_parquet"
     pq_dir.mkdir(parents=True)
     (pq_dir / "validation-00000-of-00001.parquet").symlink_to(
-        glue_dir / "cola" / "hf_parquet" / "validation-00000-of-00001.parquet")
+        glue_dir / "cola" / "hf_parquet" / "validation-00000-of-00001.parquet"
+    )
     with pytest.raises(DataNotFoundError, match=r"\['sentence1', 'sentence2'\] missing"):
         load_glue("rte", tmp_path)
 
 
 def test_unknown_string_label_is_named(tmp_path: Path) -> None:
-    _write_tsv(tmp_path / "rte" / "dev.tsv", ["index", "sentence1", "sentence2", "label"],
-               [["0", "a", "b", "entailment"], ["1", "c", "d", "maybe"]])
+    _write_tsv(
+        tmp_path / "rte" / "dev.tsv",
+        ["index", "sentence1", "sentence2", "label"],
+        [["0", "a", "b", "entailment"], ["1", "c", "d", "maybe"]],
+    )
     with pytest.raises(ValueError, match="'maybe'"):
         load_glue("rte", tmp_path)
 

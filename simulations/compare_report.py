@@ -11,15 +11,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune.grid import GridSpec
 from fedtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text, jsonable
+from fedtune.simulations.grid import GridSpec
 
-__all__ = ["write_grid_outputs", "format_results_table", "plot_accuracy_vs_epsilon", "plot_epsilon_spread", "CSV_COLUMNS"]
+__all__ = [
+    "write_grid_outputs",
+    "format_results_table",
+    "plot_accuracy_vs_epsilon",
+    "plot_epsilon_spread",
+    "CSV_COLUMNS",
+]
 
 #: Columns of ``results.csv`` (per-client epsilons are in ``results.json``).
 CSV_COLUMNS = (
-    "cell", "seed", "setting", "partition", "clients", "epsilon_target", "delta", "epsilon_certified", "epsilon_estimate",
-    "metric", "value", "accuracy", "initial_value", "rounds_completed", "examples_processed", "rejected_updates", "seconds", "status", "error",
+    "cell",
+    "seed",
+    "setting",
+    "partition",
+    "clients",
+    "epsilon_target",
+    "delta",
+    "epsilon_certified",
+    "epsilon_estimate",
+    "metric",
+    "value",
+    "accuracy",
+    "initial_value",
+    "rounds_completed",
+    "examples_processed",
+    "rejected_updates",
+    "seconds",
+    "status",
+    "error",
 )
 
 
@@ -76,18 +99,29 @@ def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
         values = [_num(r["value"]) for r in group]
         certified = [_num(r["epsilon_certified"]) for r in group]
         cert = "— (no DP)" if math.isinf(epsilon) else _spread(certified, 3)
-        gap = "" if math.isinf(epsilon) or label not in nonprivate else f"{100 * (means[label, epsilon] - nonprivate[label]):+.1f} pts"
+        gap = (
+            ""
+            if math.isinf(epsilon) or label not in nonprivate
+            else f"{100 * (means[label, epsilon] - nonprivate[label]):+.1f} pts"
+        )
         central = means.get(("centralized", epsilon))
-        fed_gap = "" if label == "centralized" or central is None else f"{100 * (means[label, epsilon] - central):+.1f} pts"
+        fed_gap = (
+            "" if label == "centralized" or central is None else f"{100 * (means[label, epsilon] - central):+.1f} pts"
+        )
         lines.append(
             f"| {label} | {_eps(epsilon)} | {cert} | {_spread(values, 4)} | {gap} | {fed_gap} | "
             f"{statistics.fmean(_num(r['examples_processed']) for r in group):,.0f} | "
             f"{statistics.fmean(_num(r['seconds']) for r in group) / 60:.1f} | {len(group)} |"
         )
     failed = [r for r in rows if r.get("status") in ("failed", "degraded")]
-    notes = [f"Mean over seeds {', '.join(map(str, seeds))}" + (", min–max in brackets" if len(seeds) > 1 else "")
-             + "; gaps compare means, in points (metric x 100)."]
-    notes += [f"{r['status'].upper()} (left out of the table and plots): {r['cell']}: {r.get('error', '')}" for r in failed]
+    notes = [
+        f"Mean over seeds {', '.join(map(str, seeds))}"
+        + (", min–max in brackets" if len(seeds) > 1 else "")
+        + "; gaps compare means, in points (metric x 100)."
+    ]
+    notes += [
+        f"{r['status'].upper()} (left out of the table and plots): {r['cell']}: {r.get('error', '')}" for r in failed
+    ]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -164,7 +198,9 @@ def plot_epsilon_spread(path: str | Path, rows: Sequence[dict[str, Any]], *, tit
         ax.scatter(jitter, eps, s=14, alpha=0.7, color="tab:blue")
         ax.hlines(_num(row["epsilon_target"]), i - 0.35, i + 0.35, color="tab:red", linewidth=1.5)
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([f"{r['partition']}\neps {_eps(r['epsilon_target'])}\nseed {r['seed']}" for r in cells], fontsize=7)
+    ax.set_xticklabels(
+        [f"{r['partition']}\neps {_eps(r['epsilon_target'])}\nseed {r['seed']}" for r in cells], fontsize=7
+    )
     ax.set_ylabel("client epsilon (certified, PLD)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
@@ -187,8 +223,10 @@ def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 def write_grid_outputs(out: Path, spec: GridSpec, rows: Sequence[dict[str, Any]]) -> None:
     """Rewrite every grid output from ``rows`` (called after each cell)."""
     base = spec.base
-    title = (f"fedtune compare {base.task}: {base.clients} clients, {base.rounds} rounds, "
-             f"delta {base.delta:g}, model {Path(base.model).name if base.model else 'all-MiniLM-L6-v2'}")
+    title = (
+        f"fedtune compare {base.task}: {base.clients} clients, {base.rounds} rounds, "
+        f"delta {base.delta:g}, model {Path(base.model).name if base.model else 'all-MiniLM-L6-v2'}"
+    )
     atomic_write_json(out / "results.json", {"grid": spec.to_dict(), "rows": list(rows)})
     write_results_csv(out / "results.csv", rows)
     atomic_write_text(out / "results.md", f"# {title}\n\n{format_results_table(rows)}")

@@ -10,16 +10,24 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import RunConfig
-from fedtune.grid import Cell, GridSpec, parse_epsilons, parse_partitions, parse_seeds
+from fedtune.simulations.grid import Cell, GridSpec, parse_epsilons, parse_partitions, parse_seeds
 
 
 def test_parse_epsilons_sorts_and_keeps_inf() -> None:
     assert parse_epsilons("8, 1,3,inf,8") == (1.0, 3.0, 8.0, math.inf)
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("", "empty"), (" , ", "empty"), ("1,-3", "'-3'"), ("0", "'0'"), ("nan", "'nan'"), ("1,abc", "'abc'"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty"),
+        (" , ", "empty"),
+        ("1,-3", "'-3'"),
+        ("0", "'0'"),
+        ("nan", "'nan'"),
+        ("1,abc", "'abc'"),
+    ],
+)
 def test_bad_epsilon_lists_are_refused_naming_the_value(text: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         parse_epsilons(text)
@@ -47,8 +55,12 @@ def test_cells_order_and_names() -> None:
     assert len(cells) == 2 * 3 * 2
     assert cells[0] == Cell("centralized", "pooled", 8.0, 0)
     assert [c.name for c in cells[:6]] == [
-        "centralized-eps8-seed0", "centralized-epsinf-seed0", "federated-iid-eps8-seed0", "federated-iid-epsinf-seed0",
-        "federated-dirichlet0.5-eps8-seed0", "federated-dirichlet0.5-epsinf-seed0",
+        "centralized-eps8-seed0",
+        "centralized-epsinf-seed0",
+        "federated-iid-eps8-seed0",
+        "federated-iid-epsinf-seed0",
+        "federated-dirichlet0.5-eps8-seed0",
+        "federated-dirichlet0.5-epsinf-seed0",
     ]
     assert len({c.name for c in cells}) == len(cells)
     assert GridSpec.from_dict(spec.to_dict()) == spec
@@ -65,17 +77,34 @@ def test_cell_configs_change_only_what_the_cell_says(tmp_path: Path) -> None:
     base = RunConfig(clients=4, rounds=3, local_steps=5, batch_size=16, learning_rate=1e-3, lora_rank=4)
     spec = GridSpec(base, (3.0,), ("dirichlet:0.3",), (7,))
     central, federated = (spec.config(c, tmp_path / c.name) for c in spec.cells())
-    assert federated == base.replace(partition="dirichlet:0.3", epsilon=3.0, seed=7, out=str(tmp_path / "federated-dirichlet0.3-eps3-seed7"))
+    assert federated == base.replace(
+        partition="dirichlet:0.3", epsilon=3.0, seed=7, out=str(tmp_path / "federated-dirichlet0.3-eps3-seed7")
+    )
     # centralized: one client, K x S steps per round (same K*S*B examples), the rest unchanged
     assert central.clients == 1 and central.local_steps == 4 * 5
-    assert (central.rounds, central.batch_size, central.learning_rate, central.lora_rank, central.epsilon, central.seed) == (3, 16, 1e-3, 4, 3.0, 7)
+    assert (
+        central.rounds,
+        central.batch_size,
+        central.learning_rate,
+        central.lora_rank,
+        central.epsilon,
+        central.seed,
+    ) == (3, 16, 1e-3, 4, 3.0, 7)
 
 
 @pytest.mark.slow
 def test_epoch_based_cells_process_the_same_examples(tmp_path: Path, glue_dir: Path) -> None:
     from fedtune.workload import get_workload
 
-    base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=4, rounds=2, local_epochs=1.0, batch_size=16, max_train_examples=400)
+    base = RunConfig(
+        task="sst2",
+        data_dir=str(glue_dir),
+        clients=4,
+        rounds=2,
+        local_epochs=1.0,
+        batch_size=16,
+        max_train_examples=400,
+    )
     spec = GridSpec(base, (8.0,), ("iid", "dirichlet:0.5"))
     processed = {}
     for cell in spec.cells():
@@ -89,15 +118,22 @@ def test_epoch_based_cells_process_the_same_examples(tmp_path: Path, glue_dir: P
         assert central <= value <= central + 4 * 16, name
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--epsilons", ""], "epsilon list is empty"),
-    (["--epsilons", "1,-3"], "'-3'"),
-    (["--partitions", "iid,kmeans"], "unknown partition scheme 'kmeans'"),
-    (["--clients", "1"], "at least 2 clients"),
-])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--epsilons", ""], "epsilon list is empty"),
+        (["--epsilons", "1,-3"], "'-3'"),
+        (["--partitions", "iid,kmeans"], "unknown partition scheme 'kmeans'"),
+        (["--clients", "1"], "at least 2 clients"),
+    ],
+)
 def test_compare_cli_refuses_bad_grids(args: list[str], fragment: str, tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "compare", *args, "--out", str(tmp_path / "grid")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "compare", *args, "--out", str(tmp_path / "grid")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "grid").exists()
@@ -105,10 +141,18 @@ def test_compare_cli_refuses_bad_grids(args: list[str], fragment: str, tmp_path:
 
 @pytest.mark.slow
 def test_small_dirichlet_shards_train_full_batch_or_get_a_minimum_size(glue_dir: Path) -> None:
-    from fedtune.simulation import check_workload
+    from fedtune.simulations.simulate import check_workload
     from fedtune.workload import get_workload
 
-    base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=8, partition="dirichlet:0.5", batch_size=64, max_train_examples=2000, seed=1)
+    base = RunConfig(
+        task="sst2",
+        data_dir=str(glue_dir),
+        clients=8,
+        partition="dirichlet:0.5",
+        batch_size=64,
+        max_train_examples=2000,
+        seed=1,
+    )
     check_workload(base)  # accepted: clients below the batch size use q = 1
     work = get_workload(base)
     sizes = [len(s) for s in work.shards]
@@ -124,20 +168,37 @@ def test_small_dirichlet_shards_train_full_batch_or_get_a_minimum_size(glue_dir:
 
 @pytest.mark.slow
 def test_a_cell_with_rejected_updates_is_degraded_and_left_out(tmp_path: Path, glue_dir: Path) -> None:
-    from fedtune.compare import cell_row
-    from fedtune.compare_report import format_results_table
+    from fedtune.simulations.compare import cell_row
+    from fedtune.simulations.compare_report import format_results_table
 
-    base = RunConfig(task="sst2", data_dir=str(glue_dir), clients=2, rounds=1, local_steps=1, batch_size=8, max_train_examples=64)
+    base = RunConfig(
+        task="sst2", data_dir=str(glue_dir), clients=2, rounds=1, local_steps=1, batch_size=8, max_train_examples=64
+    )
     spec = GridSpec(base, (8.0,), ("iid",))
     central, federated = spec.cells()
-    summary = {"metric": "accuracy", "final_accuracy": 0.6, "composed_epsilon": 7.9, "seconds": 3.0,
-               "clients": [{"epsilon": 7.8, "epsilon_certified": 7.9, "examples": 64, "steps": 2}],
-               "rounds": [{"round": 0, "accuracy": 0.5, "clients_trained": 0}, {"round": 1, "accuracy": 0.6, "clients_trained": 1}],
-               "rejected_updates": [{"round": 1, "node": 7, "reason": "OutOfMemoryError"}]}
+    summary = {
+        "metric": "accuracy",
+        "final_accuracy": 0.6,
+        "composed_epsilon": 7.9,
+        "seconds": 3.0,
+        "clients": [{"epsilon": 7.8, "epsilon_certified": 7.9, "examples": 64, "steps": 2}],
+        "rounds": [
+            {"round": 0, "accuracy": 0.5, "clients_trained": 0},
+            {"round": 1, "accuracy": 0.6, "clients_trained": 1},
+        ],
+        "rejected_updates": [{"round": 1, "node": 7, "reason": "OutOfMemoryError"}],
+    }
     bad = cell_row(federated, spec.config(federated, tmp_path / "f"), summary)
     assert bad["status"] == "degraded" and "1 update(s) rejected" in bad["error"] and "round(s) 1" in bad["error"]
-    good = cell_row(central, spec.config(central, tmp_path / "c"),
-                    {**summary, "rejected_updates": [], "rounds": [summary["rounds"][0], {**summary["rounds"][1], "clients_trained": 1}]})
+    good = cell_row(
+        central,
+        spec.config(central, tmp_path / "c"),
+        {
+            **summary,
+            "rejected_updates": [],
+            "rounds": [summary["rounds"][0], {**summary["rounds"][1], "clients_trained": 1}],
+        },
+    )
     assert good["status"] == "ok" and good["examples_processed"] == 2 * 8
     table = format_results_table([good, bad])
     assert "| centralized | 8 |" in table and "| federated iid |" not in table

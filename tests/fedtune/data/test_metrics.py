@@ -44,8 +44,7 @@ def test_accuracy_only_tasks_and_three_classes() -> None:
 
 def test_logits_are_argmaxed() -> None:
     logits = np.array([[2.0, -1.0], [0.1, 0.3], [-5.0, 5.0], [0.9, 0.1]])
-    assert compute_metrics("mrpc", logits, [0, 1, 0, 0]) == pytest.approx(
-        {"accuracy": 0.75, "f1": 2 / 3})
+    assert compute_metrics("mrpc", logits, [0, 1, 0, 0]) == pytest.approx({"accuracy": 0.75, "f1": 2 / 3})
 
 
 def test_f1_without_positive_predictions_is_zero() -> None:

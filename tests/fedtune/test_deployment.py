@@ -13,8 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedtune.certs import create_certificates, create_client_keys, read_public_key_name
 from fedtune.cli import main
+from fedtune.deployment import create_certificates, create_client_keys, read_public_key_name
 
 
 def _handshake(files_dir: Path, ca: Path, server_name: str) -> str:
@@ -36,7 +36,10 @@ def _handshake(files_dir: Path, ca: Path, server_name: str) -> str:
     thread.start()
     client_ctx = ssl.create_default_context(cafile=str(ca))
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, client_ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            client_ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
             subject = dict(item[0] for item in tls.getpeercert()["subject"])
             tls.send(b"x")
             return str(subject["commonName"])
@@ -75,18 +78,29 @@ def test_client_keys_are_openssh_ec_keys(tmp_path: Path) -> None:
     private = load_ssh_private_key(files.private_key.read_bytes(), None)
     public = load_ssh_public_key(files.public_key.read_bytes())
     assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
-    assert isinstance(public, ec.EllipticCurvePublicKey) and public.public_numbers() == private.public_key().public_numbers()
+    assert (
+        isinstance(public, ec.EllipticCurvePublicKey)
+        and public.public_numbers() == private.public_key().public_numbers()
+    )
     assert read_public_key_name(files.public_key) == "alice"
     assert stat.S_IMODE(files.private_key.stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["certs", "--out", "{tmp}", "--host", "bad host"], "--host 'bad host' is neither an IP address nor a DNS name"),
-    (["certs", "--out", "{tmp}", "--host", "example.org:9092"], "no port"),
-    (["certs", "--out", "{tmp}", "--days", "0"], "--days must be an integer in [1, 3650]"),
-    (["keys", "--out", "{tmp}", "--name", "a/b"], "name 'a/b' is not allowed"),
-])
-def test_bad_input_is_one_clear_line(argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (
+            ["certs", "--out", "{tmp}", "--host", "bad host"],
+            "--host 'bad host' is neither an IP address nor a DNS name",
+        ),
+        (["certs", "--out", "{tmp}", "--host", "example.org:9092"], "no port"),
+        (["certs", "--out", "{tmp}", "--days", "0"], "--days must be an integer in [1, 3650]"),
+        (["keys", "--out", "{tmp}", "--name", "a/b"], "name 'a/b' is not allowed"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedtune: error:") and fragment in err and "\n" not in err

@@ -181,8 +181,15 @@ class GridSpec:
             return self.base.replace(partition=cell.partition, epsilon=cell.epsilon, seed=cell.seed, out=str(out))
         steps = None if self.base.local_steps is None else self.base.local_steps * self.base.clients
         cpus = self.base.cpus_per_client if self.base.gpus_per_client > 0 else float(max(1, os.cpu_count() or 1))
-        return self.base.replace(clients=1, partition="iid", epsilon=cell.epsilon, seed=cell.seed, local_steps=steps,
-                                 cpus_per_client=max(cpus, self.base.cpus_per_client), out=str(out))
+        return self.base.replace(
+            clients=1,
+            partition="iid",
+            epsilon=cell.epsilon,
+            seed=cell.seed,
+            local_steps=steps,
+            cpus_per_client=max(cpus, self.base.cpus_per_client),
+            out=str(out),
+        )
 
     # -- serialisation (grid.json) --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -203,4 +210,3 @@ class GridSpec:
             seeds=tuple(int(s) for s in data["seeds"]),
             centralized=bool(data.get("centralized", True)),
         )
-

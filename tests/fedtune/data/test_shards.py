@@ -16,8 +16,28 @@ from fedtune.data.shards import read_shard, shard_info
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory, glue_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    assert main(["partition", "--task", "sst2", "--clients", "3", "--out", str(out), "--data-dir", str(glue_dir),
-                 "--max-train-examples", "90", "--seed", "3", "--partition", "dirichlet:1.0"]) == 0
+    assert (
+        main(
+            [
+                "partition",
+                "--task",
+                "sst2",
+                "--clients",
+                "3",
+                "--out",
+                str(out),
+                "--data-dir",
+                str(glue_dir),
+                "--max-train-examples",
+                "90",
+                "--seed",
+                "3",
+                "--partition",
+                "dirichlet:1.0",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -56,13 +76,17 @@ def test_a_plain_parquet_file_is_accepted_and_checked(tmp_path: Path) -> None:
         read_shard(no_text, "sst2")
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--clients", "0"], "--clients must be an integer >= 1"),
-    (["--clients", "2", "--task", "nope"], "unknown GLUE task 'nope'"),
-    (["--clients", "2", "--partition", "zipf"], "unknown partition scheme"),
-])
-def test_bad_partition_input_is_one_clear_line(argv: list[str], fragment: str, tmp_path: Path, glue_dir: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--clients", "0"], "--clients must be an integer >= 1"),
+        (["--clients", "2", "--task", "nope"], "unknown GLUE task 'nope'"),
+        (["--clients", "2", "--partition", "zipf"], "unknown partition scheme"),
+    ],
+)
+def test_bad_partition_input_is_one_clear_line(
+    argv: list[str], fragment: str, tmp_path: Path, glue_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["partition", "--out", str(tmp_path / "s"), "--data-dir", str(glue_dir), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and "\n" not in err

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fedtune.argtypes import epsilon_arg, optional_int_arg
+from fedtune.cliargs import epsilon_arg, optional_int_arg
 
 
 def test_epsilon_arg() -> None:

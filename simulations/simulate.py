@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
+import time
 from typing import Any
 
 from fedtune.config import RunConfig
+from fedtune.errors import RunFailed
 from fedtune.io import read_json
 
 __all__ = ["check_workload", "prepare", "simulate"]
@@ -48,8 +52,12 @@ def check_workload(config: RunConfig) -> None:
         )
     small = [k for k, s in enumerate(workload.shards) if len(s) < config.batch_size]
     if config.private and small:
-        log.info("clients %s hold fewer examples than the batch size %d: they train on their whole shard at every "
-                 "step (q = 1, no amplification by subsampling)", ", ".join(map(str, small)), config.batch_size)
+        log.info(
+            "clients %s hold fewer examples than the batch size %d: they train on their whole shard at every "
+            "step (q = 1, no amplification by subsampling)",
+            ", ".join(map(str, small)),
+            config.batch_size,
+        )
     for note in workload.data.notes:
         log.info("data: %s", note)
 
@@ -58,23 +66,38 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` through ``flwr.simulation.run_simulation`` and return ``summary.json``'s content.
 
     Ray is started for the run (or joined with ``config.ray_address``) and shut down afterwards,
-    whatever happens.
+    whatever happens. Ctrl-C stops the run within seconds: the ServerApp thread is told to stop
+    (:data:`fedtune.server.run.STOP`), Ray and its workers are shut down, and every finished round
+    stays on disk (``--resume`` continues it).
+
+    Raises
+    ------
+    KeyboardInterrupt
+        On Ctrl-C, after the clean-up.
+    fedtune.errors.RunFailed
+        When the run stopped because a client failed (e.g. ran out of memory); the message names the
+        cause and the knob to turn. Finished rounds are kept.
     """
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import make_client_app
     from fedtune.server.app import make_server_app
+    from fedtune.server.run import STOP
 
     prepare(config, resume=resume)
     summary_path = config.out_dir / "summary.json"
-    if summary_path.exists():
-        summary_path.unlink()
-    init_args: dict[str, Any] = {"address": config.ray_address} if config.ray_address else {"num_cpus": max(1, os.cpu_count() or 1)}
+    if summary_path.exists() and not resume:
+        summary_path.unlink()  # a stale summary of a run interrupted before its first checkpoint
+    init_args: dict[str, Any] = (
+        {"address": config.ray_address} if config.ray_address else {"num_cpus": max(1, os.cpu_count() or 1)}
+    )
     init_args["log_to_driver"] = False
     backend_config = {
         "client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": config.gpus_per_client},
         "init_args": init_args,
     }
+    STOP.clear()
+    previous = signal.getsignal(signal.SIGINT)
     try:
         run_simulation(
             server_app=make_server_app(config, resume=resume),
@@ -82,17 +105,48 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             num_supernodes=config.clients,
             backend_config=backend_config,  # type: ignore[arg-type]
         )
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        STOP.set()  # the ServerApp thread ends its round loop and returns
+        raise
+    except RuntimeError as err:
+        if STOP.is_set():
+            raise KeyboardInterrupt from err
+        raise
     finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except ImportError:  # pragma: no cover
-            pass
+        STOP.set()
+        _wait_for_server_threads(timeout=10.0)
+        _shutdown_ray()
+        STOP.clear()
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        raise RunFailed(f"the simulation ended without writing {summary_path}; see the log above (-v shows more)")
     summary = read_json(summary_path)
     if not isinstance(summary.get("composed_epsilon"), (int, float)):
         summary["composed_epsilon"] = math.inf
+    if summary.get("stop_reason") and summary.get("failed"):
+        raise RunFailed(f"the run stopped: {summary['stop_reason']}. Finished rounds are in {config.out_dir}")
     return summary
+
+
+def _wait_for_server_threads(timeout: float) -> None:
+    """Join Flower's ServerApp thread (it returns once :data:`~fedtune.server.run.STOP` is set)."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        if getattr(thread, "_target", None) is not None and "server_th" in getattr(thread._target, "__name__", ""):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("the ServerApp thread did not stop within %.0f s", timeout)
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except ImportError:  # pragma: no cover
+        pass

@@ -10,11 +10,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.deployment import DeployOptions
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.server.loop import RoundResult
-from fedtune.server.quorum import run_with_quorum
-from fedtune.server.strategy import PRIVACY_KEY, LedgerStrategy
+from fedtune.protocol import PRIVACY_KEY, DeployOptions
+from fedtune.config import RunConfig
+from fedtune.server.quorum import QuorumRounds
+from fedtune.server.run import RoundResult, ServerCallback, ServerRun
+from fedtune.server.strategy import LedgerStrategy
 
 START = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
 
@@ -40,8 +41,20 @@ class ScriptedGrid:
     def get_node_ids(self) -> Iterable[int]:
         return self._connected(self.attempt)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
         messages = list(messages)
+        for index, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"a{self.attempt}-m{index}"
+        self._outbox = self._answer(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        replies = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
+        self._outbox = [r for r in self._outbox if r not in replies]  # each reply is delivered once, like Flower's grid
+        return replies
+
+    def _answer(self, messages: list[Message]) -> list[Message]:
         self.sent.append(sorted(m.metadata.dst_node_id for m in messages))
         replies = []
         for message in messages:
@@ -55,22 +68,61 @@ class ScriptedGrid:
                 replies.append(Message(Error(code=0, reason="node unavailable: heartbeats stopped"), reply_to=message))
             else:
                 value = np.full(3, np.nan if answer == "nan" else 1.0, dtype=np.float32)
-                privacy = ConfigRecord({"client-id": f"c{node}", "status": "ok", "sampling-rate": 0.1, "noise-multiplier": 1.0,
-                                        "steps": 5, "examples": 10})
-                replies.append(Message(RecordDict({"arrays": ArrayRecord({"w": Array(value)}), "metrics": MetricRecord({"num-examples": 10}),
-                                                   PRIVACY_KEY: privacy}), reply_to=message))
+                privacy = ConfigRecord(
+                    {
+                        "client-id": f"c{node}",
+                        "status": "ok",
+                        "sampling-rate": 0.1,
+                        "noise-multiplier": 1.0,
+                        "steps": 5,
+                        "examples": 10,
+                    }
+                )
+                replies.append(
+                    Message(
+                        RecordDict(
+                            {
+                                "arrays": ArrayRecord({"w": Array(value)}),
+                                "metrics": MetricRecord({"num-examples": 10}),
+                                PRIVACY_KEY: privacy,
+                            }
+                        ),
+                        reply_to=message,
+                    )
+                )
             TaskIdentity.node_id = 0
         self.attempt += 1
         return replies
 
 
-def run(grid: ScriptedGrid, *, clients: int, min_clients: int, retries: int = 1, rounds: int = 1) -> tuple[ArrayRecord, str | None, list[RoundResult], LedgerStrategy]:
-    strategy = LedgerStrategy(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
-                              PrivacyLedger(None, 1e-5))
+def run(
+    grid: ScriptedGrid, *, clients: int, min_clients: int, retries: int = 1, rounds: int = 1
+) -> tuple[ArrayRecord, str | None, list[RoundResult], LedgerStrategy]:
+    strategy = LedgerStrategy(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        PrivacyLedger(None, 1e-5),
+    )
     done: list[RoundResult] = []
-    options = DeployOptions(deployed=True, min_clients=min_clients, round_retries=retries, wait_timeout=0.05, round_timeout=1.0)
-    final, reason = run_with_quorum(strategy, grid, START, first_round=1, last_round=rounds, expected_clients=clients, options=options,  # type: ignore[arg-type]
-                                    evaluate=lambda rnd, arrays: {"accuracy": 0.5}, on_round_end=done.append)
+    options = DeployOptions(
+        deployed=True, min_clients=min_clients, round_retries=retries, wait_timeout=0.05, round_timeout=1.0
+    )
+
+    class Record(ServerCallback):
+        def on_round_end(self, run: ServerRun, row: dict[str, object], result: RoundResult | None) -> None:
+            if result is not None:
+                done.append(result)
+
+    server_run = ServerRun(
+        config=RunConfig(clients=clients, rounds=rounds),
+        strategy=strategy,
+        grid=grid,  # type: ignore[arg-type]
+        arrays=START,
+        evaluate=lambda arrays: {"accuracy": 0.5},
+        make_row=lambda run, metrics, result: {"round": result.round if result else 0, **metrics},
+        rounds=QuorumRounds(options, clients),
+        callbacks=[Record()],
+    ).run()
+    final, reason = server_run.arrays, server_run.stop_reason
     return final, reason, done, strategy
 
 
@@ -95,7 +147,12 @@ def test_the_run_stops_cleanly_when_the_quorum_is_never_met() -> None:
     grid = ScriptedGrid({1: ["ok"], 2: ["nan"]})
     final, reason, done, _ = run(grid, clients=2, min_clients=2, retries=1, rounds=3)
     assert done == []  # nothing checkpointed: the round did not count
-    assert reason is not None and "round 1" in reason and "1 valid update(s) after 2 attempt(s)" in reason and "at least 2" in reason
+    assert (
+        reason is not None
+        and "round 1" in reason
+        and "1 valid update(s) after 2 attempt(s)" in reason
+        and "at least 2" in reason
+    )
     np.testing.assert_allclose(final["w"].numpy(), 0.0)  # the global model is unchanged
 
 
