@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -118,7 +117,7 @@ def _ledger_line(settings: NodeSettings) -> str:
 
 def run_client(args: argparse.Namespace) -> int:
     """Validate, then run ``flower-supernode`` until it stops (see the module docstring)."""
-    from fedtune.deployment import console_script, free_port, stop_tree
+    from fedtune.deployment import child_env, console_script, free_port, stop_tree
 
     address = _check_address(args.superlink)
     tls = _check_tls(args)
@@ -148,7 +147,7 @@ def run_client(args: argparse.Namespace) -> int:
         command += ["--root-certificates", str(tls[0]), "--auth-supernode-private-key", str(tls[1])]
     if args.max_wait_time is not None:
         command += ["--max-wait-time", str(args.max_wait_time)]
-    env = {**os.environ, "FLWR_HOME": str(settings.state_dir / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+    env = child_env(FLWR_HOME=str(settings.state_dir / "flwr-home"), PYTHONUNBUFFERED="1")
     budget = "no DP" if math.isinf(settings.epsilon) else f"epsilon {settings.epsilon:g}, delta {settings.delta:g}"
     print(
         f"client {settings.client_id}: data {settings.data_path}, budget {budget}, state {settings.state_dir}; "

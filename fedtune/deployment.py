@@ -288,9 +288,21 @@ class ProcessFailed(RuntimeError):
 
 def console_script(name: str) -> str:
     """Path of a console script of this Python environment (next to the interpreter), else ``name``."""
-
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for Flower's executables: ours, with this interpreter's folder first on PATH.
+
+    Flower's SuperLink and SuperNode start their helpers (``flower-superexec``, ``flwr-serverapp``,
+    ``flwr-clientapp``) by name; run as ``/path/to/venv/bin/fedtune`` without the virtual
+    environment activated they would not be found, or the wrong installation's would be.
+    """
+    env = {**os.environ, **extra}
+    here = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([here, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != here)])
+    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:

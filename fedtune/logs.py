@@ -19,7 +19,7 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Library loggers raised to WARNING (ERROR for the noisiest) unless ``-v``.
 QUIET_LOGGERS: dict[str, int] = {
     "alembic": logging.WARNING,
-    "flwr": logging.WARNING,
+    "flwr": logging.ERROR,  # its deprecation notices and fraction_evaluate warning
     "ray": logging.WARNING,
     "httpx": logging.WARNING,
     "urllib3": logging.WARNING,
@@ -54,8 +54,8 @@ def setup_cli_logging(verbose: bool = False) -> None:
         return
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    # Flower installs its own handler on the "flwr" logger at import time; keep it at WARNING as well.
-    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
+    # Flower installs its own handler on the "flwr" logger at import time; keep it at ERROR as well.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -82,6 +82,15 @@ class RoundLog(ServerCallback):
             result.seconds,
         )
 
+    def on_run_end(self, run: ServerRun) -> None:
+        last = run.rows[-1]
+        log.info(
+            "run %s after round %d: %s %.4f, epsilon (certified, max) %.4f; results in %s "
+            "(summary.json, metrics.csv, plot.png, ledger.json, adapter/)",
+            "stopped early" if run.stop_reason else "finished", int(last["round"]), self.metric, last[self.metric],
+            last["epsilon_certified"], run.config.out_dir.resolve(),
+        )
+
 
 @dataclass
 class RunReport(ServerCallback):

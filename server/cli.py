@@ -88,8 +88,20 @@ def _add_server(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     p.set_defaults(handler=lambda args: deploy.serve(args))
 
 
+def _stop_local(args: argparse.Namespace) -> int:
+    from fedtune.server.superlink import local_superlink_port, stop_local_superlink
+
+    port = args.port or local_superlink_port()
+    stopped = stop_local_superlink(port)
+    if stopped:
+        print(f"stopped the local SuperLink on 127.0.0.1:{port} (process {', '.join(map(str, stopped))}) and its helpers")
+    else:
+        print(f"no local SuperLink of `flwr run` is serving 127.0.0.1:{port}")
+    return 0
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``certs`` and ``server``."""
+    """Register ``certs``, ``server`` and ``stop-local-superlink``."""
     certs = subparsers.add_parser("certs", help="create a development CA and a TLS certificate for the server")
     certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
     certs.add_argument(
@@ -104,3 +116,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     certs.set_defaults(handler=_certs)
 
     _add_server(subparsers)
+    stop = subparsers.add_parser(
+        "stop-local-superlink",
+        help="stop the SuperLink `flwr run .` leaves running for local simulations (only that one)",
+    )
+    stop.add_argument("--port", type=int, default=None, help="its port (default: Flower's, 39091)")
+    stop.set_defaults(handler=_stop_local)

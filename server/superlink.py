@@ -21,6 +21,7 @@ import psutil
 
 from fedtune.deployment import (
     ProcessFailed,
+    child_env,
     console_script,
     free_port,
     read_public_key_name,
@@ -95,12 +96,11 @@ class FlowerServer:
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower process: private Flower home, no runtime installs."""
-        return {
-            **os.environ,
-            "FLWR_HOME": str(self.paths.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
+        return child_env(
+            FLWR_HOME=str(self.paths.flwr_home),
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            PYTHONUNBUFFERED="1",
+        )
 
     def _write_connection(self) -> None:
         lines = [
@@ -289,3 +289,27 @@ def _error(result: subprocess.CompletedProcess[str]) -> str:
     answer = _json(result.stdout)
     message = str(answer.get("error-message") or "").strip() or (result.stderr or result.stdout).strip()
     return " ".join(message.split())[-500:] or f"exit status {result.returncode}"
+
+
+#: Port of the SuperLink that ``flwr run`` starts for local simulations (Flower's own setting).
+def local_superlink_port() -> int:
+    """The port ``flwr run`` uses for its managed local SuperLink (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``)."""
+    return int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
+
+
+def stop_local_superlink(port: int | None = None) -> list[int]:
+    """Stop the SuperLink that ``flwr run`` left running for local simulations, with its helpers.
+
+    Only a ``flower-superlink --simulation`` process serving ``port`` is stopped (with every process
+    it started), never another SuperLink on the machine. Returns the process ids stopped.
+    """
+    port = local_superlink_port() if port is None else port
+    stopped = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if not any(part.endswith("flower-superlink") for part in cmd) or "--simulation" not in cmd:
+            continue
+        if "--port" in cmd and cmd.index("--port") + 1 < len(cmd) and cmd[cmd.index("--port") + 1] == str(port):
+            stop_tree(proc.info["pid"])
+            stopped.append(int(proc.info["pid"]))
+    return stopped

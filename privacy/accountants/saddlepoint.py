@@ -154,7 +154,7 @@ class SaddlePointAccountant(Accountant):
 
     def _fallback(self, why: str) -> Accountant:
         self.fallbacks += 1
-        log.info("saddle point not trusted here (%s); answering with the certified pld value", why)
+        log.debug("saddle point not trusted here (%s); answering with the certified pld value", why)
         return certifier()
 
     def _epsilon(self, composition: Composition, delta: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,40 @@ def test_the_flower_app_names_fedtune_and_carries_every_setting(tmp_path: Path) 
     app = document["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fedtune.server.app:app", "clientapp": "fedtune.client.app:app"}
     assert split_run_config(app["config"]) == (config, options)
+
+
+@pytest.mark.slow
+def test_stop_local_superlink_stops_only_that_superlink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The safe replacement for `pkill -f flower-superlink`: another SuperLink on the machine lives on."""
+    import subprocess
+
+    import psutil
+
+    from fedtune.deployment import console_script, free_port, stop_tree, wait_for_port
+
+    def superlink(name: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        command = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{free_port()}",
+                   "--database", ":flwr-in-memory:"]
+        env = {**os.environ, "FLWR_HOME": str(tmp_path / name)}
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        wait_for_port("127.0.0.1", port, timeout=60, process=proc, what=f"SuperLink {name}")
+        return proc, port
+
+    ours, our_port = superlink("local")
+    other, _ = superlink("other")
+    try:
+        helpers = psutil.Process(ours.pid).children(recursive=True)
+        assert main(["stop-local-superlink", "--port", str(our_port)]) == 0
+        assert f"stopped the local SuperLink on 127.0.0.1:{our_port} (process {ours.pid})" in capsys.readouterr().out
+        ours.wait(timeout=15)
+        assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in helpers)
+        assert other.poll() is None  # the other SuperLink is untouched
+        assert main(["stop-local-superlink", "--port", str(our_port)]) == 0
+        assert "no local SuperLink" in capsys.readouterr().out
+    finally:
+        for proc in (ours, other):
+            if proc.poll() is None:
+                stop_tree(proc.pid)

@@ -1,7 +1,8 @@
-"""Rounds under a quorum: dead or silent clients, retries, clean stops (a scripted grid, no network)."""
+"""The server run loop: hooks, stops, failed clients; rounds under a quorum (a scripted grid, no network)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -172,3 +173,83 @@ def test_fewer_clients_than_expected_start_when_the_minimum_is_there() -> None:
 def test_min_clients_above_clients_is_refused() -> None:
     with pytest.raises(ValueError, match="min-clients 3 is larger than clients 2"):
         DeployOptions(min_clients=3).quorum(2)
+
+
+# -- the run loop itself (a simulation's rounds) --------------------------------------------------
+
+
+class OutOfMemoryGrid(ScriptedGrid):
+    """Node 2's worker is killed by Ray's memory monitor: Flower relays it as an error reply."""
+
+    def _answer(self, messages: list[Message]) -> list[Message]:
+        replies = super()._answer(messages)
+        for index, reply in enumerate(replies):
+            if reply.has_error():
+                oom = Message(Error(code=0, reason="<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed due to "
+                                                   "the node running low on memory.'>"), reply_to=messages[index])
+                replies[index] = oom
+        return replies
+
+
+def _simulation(grid: ScriptedGrid, rounds: int, callbacks: list[ServerCallback]) -> ServerRun:
+    from fedtune.server.run import PlainRounds
+
+    strategy = LedgerStrategy(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        PrivacyLedger(None, 1e-5),
+    )
+    return ServerRun(
+        config=RunConfig(clients=2, rounds=rounds), strategy=strategy, grid=grid,  # type: ignore[arg-type]
+        arrays=START, evaluate=lambda arrays: {"accuracy": float(arrays["w"].numpy().mean())},
+        make_row=lambda run, metrics, result: {"round": result.round if result else 0, **metrics},
+        rounds=PlainRounds(timeout=1.0), callbacks=callbacks,
+    )
+
+
+def test_hooks_run_in_order_and_rows_are_the_evaluated_rounds() -> None:
+    calls: list[str] = []
+
+    class Trace(ServerCallback):
+        def on_run_start(self, run: ServerRun) -> None:
+            calls.append("start")
+
+        def stop_reason(self, run: ServerRun) -> str | None:
+            calls.append(f"check {run.next_round}")
+            return "budget spent" if run.next_round == 3 else None
+
+        def on_round_end(self, run: ServerRun, row: dict[str, object], result: RoundResult | None) -> None:
+            calls.append(f"end {row['round']}")
+
+        def on_run_end(self, run: ServerRun) -> None:
+            calls.append("finish")
+
+    run = _simulation(ScriptedGrid({1: ["ok"], 2: ["ok"]}), rounds=5, callbacks=[Trace()]).run()
+    assert calls == ["start", "end 0", "check 1", "end 1", "check 2", "end 2", "check 3", "finish"]
+    assert run.stop_reason == "budget spent" and not run.failed
+    assert [r["accuracy"] for r in run.rows] == [0.0, 1.0, 1.0]  # round 0 evaluates the initial model
+
+
+def test_a_client_out_of_memory_stops_a_simulation_and_names_the_knobs() -> None:
+    run = _simulation(OutOfMemoryGrid({1: ["ok"], 2: ["error"]}), rounds=3, callbacks=[]).run()
+    assert run.failed and run.next_round == 1  # the round did not count
+    assert run.stop_reason is not None and "ran out of memory" in run.stop_reason
+    assert "--physical-batch-size" in run.stop_reason and "--cpus-per-client" in run.stop_reason
+
+
+def test_stop_ends_the_run_between_rounds_and_keeps_what_finished() -> None:
+    from fedtune.server.run import RunInterrupted
+
+    stop = threading.Event()
+    rows: list[int] = []
+
+    class StopAfterRoundOne(ServerCallback):
+        def on_round_end(self, run: ServerRun, row: dict[str, object], result: RoundResult | None) -> None:
+            rows.append(int(row["round"]))  # type: ignore[call-overload]
+            if result is not None:
+                stop.set()  # as Ctrl-C does
+
+    run = _simulation(ScriptedGrid({1: ["ok"], 2: ["ok"]}), rounds=3, callbacks=[StopAfterRoundOne()])
+    run.stop = stop
+    with pytest.raises(RunInterrupted):
+        run.run()
+    assert rows == [0, 1]
