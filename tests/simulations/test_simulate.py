@@ -82,8 +82,13 @@ def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.Com
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert 0.0 <= summary["final_accuracy"] <= 1.0 and summary["final_accuracy"] == summary["rounds"][-1]["accuracy"]
     assert {c["id"] for c in summary["clients"]} == {"0", "1"}
+    assert summary["finished"] is True and summary["rounds_done"] == 2 and summary["stop_reason"] is None
+    assert 0.4 < summary["majority_class_rate"] < 0.7  # the SST-2 dev slice is near balanced
     for client in summary["clients"]:
         assert client["steps"] == 6 and client["examples"] == 80
+        # what the run was: q = B / N, the calibrated sigma and the steps of each round
+        assert client["sampling_rate"] == pytest.approx(16 / 80) and client["steps_per_round"] == 3
+        assert 0.3 < client["noise_multiplier"] < 5.0
         assert 0 < client["epsilon_certified"] <= 8.0  # certified, within budget
         assert abs(client["epsilon"] - client["epsilon_certified"]) < 0.1 * 8.0
     assert summary["composed_epsilon"] == max(c["epsilon_certified"] for c in summary["clients"])
@@ -94,6 +99,10 @@ def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.Com
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the printed table names every client and the composed epsilon
     assert "composed record-level epsilon" in result.stdout and "final accuracy" in result.stdout
+    assert "sigma" in result.stdout and "majority-class rate" in result.stdout and "not repeatable" in result.stdout
+    # quiet by default: fedtune's lines only, no library chatter
+    for noise in ("alembic", "DEPRECATED", "fraction_evaluate", "FutureWarning", "DEBUG"):
+        assert noise not in result.stderr, noise
     # server and client ledgers agree
     server = PrivacyLedger.load(out / "ledger.json")
     for cid in ("0", "1"):
@@ -167,6 +176,10 @@ def test_killed_run_resumes_with_the_same_ledger(
         (["--clients", "500", "--max-train-examples", "100"], "500"),
         (["--data-dir", "/nonexistent/glue"], "/nonexistent/glue"),
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--model", "not/a-model"], "leave out --model for the default model"),
+        (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
+        (["--resume", "/"], "no run in this folder"),
+        (["--dp-randomness", "weak"], "dp-randomness"),
     ],
 )
 def test_bad_input_is_refused_before_training(
@@ -186,5 +199,29 @@ def test_bad_input_is_refused_before_training(
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and "Errno" not in err
     assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_a_non_private_run_reports_the_steps_its_clients_trained(tmp_path: Path, glue_dir: Path) -> None:
+    out = tmp_path / "plain"
+    args = list(ARGS)
+    args[args.index("--epsilon") + 1], args[args.index("--rounds") + 1] = "inf", "1"
+    fedtune("simulate", *args, "--out", str(out), data=glue_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isinf(float(summary["composed_epsilon"]))
+    for client in summary["clients"]:
+        assert client["steps"] == 3 and client["noise_multiplier"] == 0.0 and client["examples"] == 80
+
+
+def test_version_and_offline_without_data_fail_fast_and_clearly(tmp_path: Path) -> None:
+    version = subprocess.run([sys.executable, "-m", "fedtune.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("fedtune 0.")
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDTUNE_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the hub is unreachable
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and time.monotonic() - started < 20
+    assert "hub cannot be reached" in result.stderr and "--data-dir" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
