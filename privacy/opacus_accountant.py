@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.registry import _ACCOUNTANTS, register_accountant
+from opacus.accountants import IAccountant, create_accountant, register_accountant
 
 from fedtune.privacy.accountants import get_accountant
 from fedtune.privacy.events import Composition, SubsampledGaussianEvent
@@ -83,7 +82,21 @@ class PLDOpacusAccountant(FedtuneOpacusAccountant):
 
 
 def register_with_opacus() -> None:
-    """Register the fedtune accountants in Opacus' registry (idempotent)."""
+    """Register the fedtune accountants in Opacus' registry (idempotent; Opacus' public API only).
+
+    Raises
+    ------
+    ValueError
+        If another accountant is already registered under one of the names.
+    """
     for cls in (EdgeworthOpacusAccountant, SaddlePointOpacusAccountant, PLDOpacusAccountant):
-        if _ACCOUNTANTS.get(cls.fedtune_name) is not cls:
-            register_accountant(cls.fedtune_name, cls, force=True)
+        try:
+            existing = create_accountant(cls.fedtune_name)
+        except ValueError:  # not registered yet
+            register_accountant(cls.fedtune_name, cls)
+            continue
+        if type(existing) is not cls:
+            raise ValueError(
+                f"Opacus already has an accountant named {cls.fedtune_name!r} ({type(existing).__name__}); "
+                "fedtune will not replace it"
+            )
