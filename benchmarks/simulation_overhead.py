@@ -22,7 +22,7 @@ Timings (inside the measured process): the wall time of ``simulate()`` resp. ``p
 (the interpreter start and the imports common to both are excluded; ``flwr.simulation``/``ray``
 imports are part of ``simulate()``), and a timeline from instrumentation wrappers installed in the
 measured process only (no fedtune code is changed): ``prepare``, Ray start (``RayBackend.init_ray``),
-actor pool build, ``run_server`` start/end, ``run_rounds`` start/end, each ``send_and_receive`` (client
+actor pool build, ``run_server`` start/end, the round loop (``ServerRun.run``, logged as ``run_rounds``) start/end, each ``send_and_receive`` (client
 phase of a round), each central ``evaluate``, and the backend's terminate. Per-round ``seconds`` come
 from ``summary.json``. Each reply's own ``train_local`` seconds are captured from the replies' metrics.
 
@@ -151,11 +151,15 @@ def _make_sequential_grid(config: Any, events: _Events, probe: dict[str, Any]) -
         def get_node_ids(self) -> list[int]:
             return list(node_ids)
 
-        def push_messages(self, messages: Any) -> Any:  # pragma: no cover - not used by run_rounds
-            raise NotImplementedError
+        def push_messages(self, messages: Any) -> Any:
+            """Run every ClientApp now, in this process; the replies wait for pull_messages."""
+            messages = list(messages)
+            self._outbox = self.send_and_receive(messages)
+            return [m.metadata.message_id for m in messages]
 
-        def pull_messages(self, message_ids: Any) -> Any:  # pragma: no cover
-            raise NotImplementedError
+        def pull_messages(self, message_ids: Any) -> Any:
+            replies, self._outbox = self._outbox, []
+            return replies
 
         def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
             replies = []
@@ -253,7 +257,9 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
     # instrumentation (this process only)
     _wrap(simulation, "prepare", events, "prepare")
     _wrap(server_app, "run_server", events, "run_server")
-    _wrap(server_app, "run_rounds", events, "run_rounds")
+    from fedtune.server.run import ServerRun
+
+    _wrap(ServerRun, "run", events, "run_rounds")  # the round loop
     _wrap(fedtune.evaluate, "evaluate", events, "evaluate")
     import fedtune.client.privacy
     import fedtune.data
@@ -279,17 +285,17 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
     try:
         if mode == "sim":
             from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-            from flwr.superlink.grid import InMemoryGrid
+            import fedtune.server.run
 
             _wrap(RayBackend, "init_ray", events, "ray_init")
             _wrap(RayBackend, "build", events, "actor_pool_build")
             _wrap(RayBackend, "terminate", events, "backend_terminate")
-            _wrap(InMemoryGrid, "send_and_receive", events, "send_and_receive")
+            _wrap(fedtune.server.run, "exchange", events, "send_and_receive")  # the server's send-and-receive
             summary = simulation.simulate(config)
         else:
             simulation.prepare(config)
             grid = _make_sequential_grid(config, events, probe)
-            _wrap(grid, "send_and_receive", events, "send_and_receive")
+            _wrap(fedtune.server.run, "exchange", events, "send_and_receive")
             summary = server_app.run_server(grid, config)
         calibration = _client_calibration(config.out_dir)
     except BaseException as ex:  # noqa: BLE001 - report, never hang
