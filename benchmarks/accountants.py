@@ -627,7 +627,8 @@ def run_calibration(args: argparse.Namespace, cache: dict[str, Any], cache_path:
                 }
                 if row.get("sigma") is not None:
                     c_status, c_value, _, _ = _cached_isolated(
-                        f"certify|{setting_tag('pld', vdi)}|sigma={row['sigma']!r}|delta={delta!r}|q={q!r}|steps={steps}",
+                        f"certify|{setting_tag('pld', vdi)}|sigma={row['sigma']!r}|"
+                        f"delta={delta!r}|q={q!r}|steps={steps}",
                         cache,
                         _certified_epsilon,
                         (vdi, row["sigma"], delta, q, steps),
@@ -836,33 +837,41 @@ def markdown_report(
         "# Accountant benchmark: accuracy against the certified PLD reference, cost, calibration",
         "",
         f"- Command: `{meta['command']}`",
-        f"- Date: {meta['date']} (run time {meta['run_seconds'] / 60:.1f} min; reference results may come from the cache)",
+        f"- Date: {meta['date']} (run time {meta['run_seconds'] / 60:.1f} min; "
+        "reference results may come from the cache)",
         f"- Versions: {meta['versions']}; {meta['cpus']} CPU cores, shared with other jobs (timings are indicative)",
         f"- Code: fedtune.privacy sources sha256[:10] = {meta['privacy_fingerprint']} (git {meta['git']})",
         f"- Grid: q ∈ {g['q']}, σ ∈ {g['sigma']}, steps ∈ {g['steps']}, δ ∈ {g['delta']} → {len(rows)} cells",
         f"- Reference `pld`: dp_accounting PLD, pessimistic, both directions, value_discretization_interval = "
         f"{meta['pld_discretization']:g} (certified upper bound at any discretisation; coarser is looser).",
         f"- gap = (ε − ε_pld) / ε_pld; negative = understates the certified ε. Reference accountants are run once "
-        f"per cell in a worker with a {meta['timeout']:g} s limit; analytic ones: median of up to {meta['repeats']} warm "
-        f"queries (fewer once {meta['time_budget']:g} s is spent), and a cold query (cumulant cache cleared) reported separately.",
+        f"per cell in a worker with a {meta['timeout']:g} s limit; "
+        f"analytic ones: median of up to {meta['repeats']} warm "
+        f"queries (fewer once {meta['time_budget']:g} s is spent), "
+        "and a cold query (cumulant cache cleared) reported separately.",
         "",
         "## Summary",
         "",
-        "| accountant | kind | cells | failures | pld fallbacks | max \\|gap\\| | median \\|gap\\| | within 1% | over > 1% | under > 1% | median ms | max ms | cold median ms | cold max ms |",
+        "| accountant | kind | cells | failures | pld fallbacks | max \\|gap\\| | median \\|gap\\| "
+        "| within 1% | over > 1% | under > 1% | median ms | max ms | cold median ms | cold max ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         ref = s["accountant"] == "pld"
         lines.append(
-            f"| {s['accountant']} | {s['kind']} | {s['cells']} | {s['failures']} | {s['fallbacks'] if s['accountant'].startswith('saddlepoint') else ''} | "
-            f"{'(reference)' if ref else _f(s['max_abs_gap'], '.3g', pct=True)} | {'' if ref else _f(s['median_abs_gap'], '.3g', pct=True)} | "
-            f"{'' if ref else _f(s['within_1pct'], '.1f', pct=True)} | {'' if ref else s['over_1pct']} | {'' if ref else s['under_1pct']} | "
+            f"| {s['accountant']} | {s['kind']} | {s['cells']} | {s['failures']} | "
+            f"{s['fallbacks'] if s['accountant'].startswith('saddlepoint') else ''} | "
+            f"{'(reference)' if ref else _f(s['max_abs_gap'], '.3g', pct=True)} | "
+            f"{'' if ref else _f(s['median_abs_gap'], '.3g', pct=True)} | "
+            f"{'' if ref else _f(s['within_1pct'], '.1f', pct=True)} | {'' if ref else s['over_1pct']} | "
+            f"{'' if ref else s['under_1pct']} | "
             f"{_fms(s['median_ms'])} | {_fms(s['max_ms'])} | {_fms(s['cold_median_ms'])} | {_fms(s['cold_max_ms'])} |"
         )
     no_ref = sum(1 for r in rows if r["accountants"]["pld"]["epsilon"] is None)
     lines += [
         "",
-        f"Cells with a pld reference: {len(rows) - no_ref} of {len(rows)} (the others are listed under Failures and left "
+        f"Cells with a pld reference: {len(rows) - no_ref} of {len(rows)} "
+        "(the others are listed under Failures and left "
         'out of the statistics). "within 1%" counts failures as misses. rdp is a (looser) certified bound: its '
         "overstatements are expected. prv reports Opacus' upper estimate (ε + eps_error, eps_error = 0.01 absolute), "
         "which dominates its relative gap at small ε. ms per query: warm median (analytic accountants) or single "
@@ -902,7 +911,8 @@ def markdown_report(
         lines += ["| accountant | q | σ | steps | δ | status | error |", "|---|---:|---:|---:|---:|---|---|"]
         for name, c in failed:
             lines.append(
-                f"| {name} | {c['q']:g} | {c['sigma']:g} | {c['steps']} | {c['delta']:g} | {c['status']} | {str(c['error'])[:160]} |"
+                f"| {name} | {c['q']:g} | {c['sigma']:g} | {c['steps']} | {c['delta']:g} | {c['status']} | "
+                f"{str(c['error'])[:160]} |"
             )
     else:
         lines.append("None.")
@@ -918,7 +928,8 @@ def markdown_report(
         for b in table:
             lines.append(
                 f"| {b['accountant']} | {b['bucket']} | {b['cells']} | {b['within_1pct']} | {b['over_1pct']} | "
-                f"{b['under_1pct']} | {b['failed']} | {_f(b['max_abs_gap'], '.3g', pct=True)} | {_f(b['min_gap'], '.3g', pct=True)} |"
+                f"{b['under_1pct']} | {b['failed']} | {_f(b['max_abs_gap'], '.3g', pct=True)} | "
+                f"{_f(b['min_gap'], '.3g', pct=True)} |"
             )
         lines.append("")
 
@@ -962,8 +973,10 @@ def markdown_report(
             lines.append(f"- **{setting['setting']}**: {setting['description']}.")
         lines += [
             f"- δ = {calibration[0]['delta']:g}. σ per accountant = smallest σ that accountant alone accepts "
-            f'(`smallest_sigma`); "pld ε at σ" is the certified ε there (pld, discretisation {meta["pld_discretization"]:g}); '
-            "fedtune-default = `calibrate_noise` (saddlepoint, then σ raised until fedtune's certifier meets the target; "
+            '(`smallest_sigma`); "pld ε at σ" is the certified ε there '
+            f"(pld, discretisation {meta['pld_discretization']:g}); "
+            "fedtune-default = `calibrate_noise` "
+            "(saddlepoint, then σ raised until fedtune's certifier meets the target; "
             f"certifier: {meta['certifier']}). Noise saved vs rdp = 1 − σ/σ_rdp.",
             "",
             "| setting | target ε | accountant | σ | pld ε at σ | meets target | noise saved vs rdp |",
@@ -978,7 +991,8 @@ def markdown_report(
             meets = "" if r.get("certified_epsilon") is None else ("yes" if r["meets_target"] else "**NO**")
             lines.append(
                 f"| {r['setting']} | {r['target_epsilon']:g} | {r['accountant']} | {sigma} | "
-                f"{_f(r.get('certified_epsilon'), '.4f')} | {meets} | {_f(r.get('noise_saved_vs_rdp'), '.2f', pct=True)} |"
+                f"{_f(r.get('certified_epsilon'), '.4f')} | {meets} | "
+                f"{_f(r.get('noise_saved_vs_rdp'), '.2f', pct=True)} |"
             )
         lines.append("")
     if meta.get("plot"):
@@ -1063,7 +1077,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     cache = load_cache(cache_path, args.cache)
     print(
-        f"{len(grid_cells(args.grid))} cells x {len(args.accountants)} accountants; cache {cache_path} ({len(cache)} entries)",
+        f"{len(grid_cells(args.grid))} cells x {len(args.accountants)} accountants; "
+        f"cache {cache_path} ({len(cache)} entries)",
         file=sys.stderr,
         flush=True,
     )

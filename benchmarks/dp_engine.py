@@ -193,7 +193,8 @@ def part_step(args: argparse.Namespace) -> dict[str, Any]:
             )
             rows.append(row)
             _log(
-                f"step B={b} {precision}: DP {row['dp_tokens_per_second']:.0f} tok/s, plain {row['plain_tokens_per_second']:.0f}, "
+                f"step B={b} {precision}: DP {row['dp_tokens_per_second']:.0f} tok/s, "
+                f"plain {row['plain_tokens_per_second']:.0f}, "
                 f"paired ratio {row['paired_ratio_median']:.3f}"
             )
     row = _pair_timing(env, 256, args.step_repeats, "fp32", before=True)
@@ -202,7 +203,8 @@ def part_step(args: argparse.Namespace) -> dict[str, Any]:
     row = _pair_timing(env, 1024, args.step_repeats, "bf16", before=False, dropout=False)
     rows.append(row)
     _log(
-        f"step B=1024 bf16 dropout off: DP {row['dp_tokens_per_second']:.0f} tok/s, ratio {row['paired_ratio_median']:.3f}"
+        f"step B=1024 bf16 dropout off: DP {row['dp_tokens_per_second']:.0f} tok/s, "
+        f"ratio {row['paired_ratio_median']:.3f}"
     )
     return {"rows": rows}
 
@@ -388,11 +390,13 @@ def report(results: dict[str, Any]) -> str:
             f"Padding efficiency (real / computed tokens), {r['samples_per_batch_size']} Poisson batches per size, "
             f"micro-batches of at most {r['physical_batch_size']} ({r['date']}):",
             "",
-            "| logical batch | before: padded to its longest | after: length-sorted micro-batches | micro-batches per step |",
+            "| logical batch | before: padded to its longest | after: length-sorted micro-batches "
+            "| micro-batches per step |",
             "|--:|--:|--:|--:|",
         ]
         lines += [
-            f"| {x['logical_batch']:,} | {x['efficiency_before']:.1%} | {x['efficiency_after']:.1%} | {x['micro_batches_per_step']:.1f} |"
+            f"| {x['logical_batch']:,} | {x['efficiency_before']:.1%} | {x['efficiency_after']:.1%} | "
+            f"{x['micro_batches_per_step']:.1f} |"
             for x in r["rows"]
         ]
         lines.append("")
@@ -401,11 +405,13 @@ def report(results: dict[str, Any]) -> str:
         lines += [
             f"One logical step, DP against non-private on the same micro-batches, timed back to back ({r['date']}):",
             "",
-            "| logical batch | engine | precision | P | non-private tokens/s | DP tokens/s | DP step | median paired DP / non-private |",
+            "| logical batch | engine | precision | P | non-private tokens/s | DP tokens/s | DP step "
+            "| median paired DP / non-private |",
             "|--:|---|---|--:|--:|--:|--:|--:|",
         ]
         lines += [
-            f"| {x['logical_batch']:,} | {x['engine']} | {x['precision']} | {x['physical_batch_size']} | {x['plain_tokens_per_second']:.0f} | "
+            f"| {x['logical_batch']:,} | {x['engine']} | {x['precision']} | {x['physical_batch_size']} | "
+            f"{x['plain_tokens_per_second']:.0f} | "
             f"{x['dp_tokens_per_second']:.0f} | {x['dp_seconds_per_step']:.2f} s | {x['paired_ratio_median']:.3f}× |"
             for x in r["rows"]
         ]
@@ -419,7 +425,8 @@ def report(results: dict[str, Any]) -> str:
             "|--:|--:|--:|--:|--:|--:|--:|",
         ]
         lines += [
-            f"| {x['logical_batch']:,} | {x['steps_per_round']} | {x['physical_batch_size']} | {x['rss_before_mb']:.0f} MB | "
+            f"| {x['logical_batch']:,} | {x['steps_per_round']} | {x['physical_batch_size']} | "
+            f"{x['rss_before_mb']:.0f} MB | "
             f"{x['rss_after_round_mb'][0]:.0f} MB | {x['rss_after_round_mb'][1]:.0f} MB | {x['peak_rss_mb']:.0f} MB |"
             for x in r["rows"]
         ]
@@ -427,14 +434,16 @@ def report(results: dict[str, Any]) -> str:
     if "actor" in results:
         r = results["actor"]
         lines += [
-            f"Ray client actors in `fedtune simulate` (2 clients x {r['examples_per_client']:,} sentences, logical batch 1,024, "
+            f"Ray client actors in `fedtune simulate` (2 clients x {r['examples_per_client']:,} sentences, "
+            "logical batch 1,024, "
             f"{r['rounds']} rounds x {r['local_steps']} steps; {r['date']}):",
             "",
             "| actor | peak RSS, first half of the run | peak RSS, second half | peak RSS |",
             "|--:|--:|--:|--:|",
         ]
         lines += [
-            f"| {i} | {a['peak_first_half_mb']:.0f} MB | {a['peak_second_half_mb']:.0f} MB | {a['peak_rss_mb']:.0f} MB |"
+            f"| {i} | {a['peak_first_half_mb']:.0f} MB | {a['peak_second_half_mb']:.0f} MB | "
+            f"{a['peak_rss_mb']:.0f} MB |"
             for i, a in enumerate(r["actors"])
         ]
         lines.append("")
@@ -444,7 +453,8 @@ def report(results: dict[str, Any]) -> str:
             "One epoch over all 67,349 SST-2 training sentences, logical batch 1,024 (66 steps), AdamW lr 2e-3, "
             "then dev accuracy (872 sentences):",
             "",
-            "| run | precision | minutes | real tokens/s | padding efficiency | sigma (certified epsilon) | dev accuracy | peak RSS | date |",
+            "| run | precision | minutes | real tokens/s | padding efficiency | sigma (certified epsilon) "
+            "| dev accuracy | peak RSS | date |",
             "|---|---|--:|--:|--:|--:|--:|--:|---|",
         ]
         for x in rows:
@@ -453,7 +463,8 @@ def report(results: dict[str, Any]) -> str:
             )
             name = "DP-SGD, epsilon 8" if x["mode"] == "dp" else "plain PyTorch, non-private"
             lines.append(
-                f"| {name} | {x['precision']} | {x['minutes']:.2f} | {x['tokens_per_second']:.0f} | {x['padding_efficiency']:.1%} | "
+                f"| {name} | {x['precision']} | {x['minutes']:.2f} | {x['tokens_per_second']:.0f} | "
+                f"{x['padding_efficiency']:.1%} | "
                 f"{sig} | {x['dev_accuracy']:.3f} | {x['peak_rss_mb']:.0f} MB | {x['date']} |"
             )
         lines.append("")
@@ -536,7 +547,8 @@ def main() -> int:
             for b in BATCHES:
                 rows.append(_child(args, "memory", [*common, "--memory-batch", str(b)]))
                 _log(
-                    f"memory B={b}: peak {rows[-1]['peak_rss_mb']:.0f} MB, after rounds {rows[-1]['rss_after_round_mb']}"
+                    f"memory B={b}: peak {rows[-1]['peak_rss_mb']:.0f} MB, "
+                    f"after rounds {rows[-1]['rss_after_round_mb']}"
                 )
                 results["memory"] = {"rows": rows, "date": started}
                 _save(out, results)
@@ -553,7 +565,8 @@ def main() -> int:
                 rows = [r for r in rows if (r["mode"], r["precision"]) != (mode, precision)] + [row]
                 _log(
                     f"epoch {mode} {precision}: {row['minutes']:.2f} min, {row['tokens_per_second']:.0f} tok/s, "
-                    f"padding {row['padding_efficiency']:.1%}, dev accuracy {row['dev_accuracy']:.3f}, peak {row['peak_rss_mb']:.0f} MB"
+                    f"padding {row['padding_efficiency']:.1%}, dev accuracy {row['dev_accuracy']:.3f}, "
+                    f"peak {row['peak_rss_mb']:.0f} MB"
                 )
                 results["epoch"] = {"rows": rows}
                 _save(out, results)

@@ -22,9 +22,10 @@ Timings (inside the measured process): the wall time of ``simulate()`` resp. ``p
 (the interpreter start and the imports common to both are excluded; ``flwr.simulation``/``ray``
 imports are part of ``simulate()``), and a timeline from instrumentation wrappers installed in the
 measured process only (no fedtune code is changed): ``prepare``, Ray start (``RayBackend.init_ray``),
-actor pool build, ``run_server`` start/end, the round loop (``ServerRun.run``, logged as ``run_rounds``) start/end, each ``send_and_receive`` (client
-phase of a round), each central ``evaluate``, and the backend's terminate. Per-round ``seconds`` come
-from ``summary.json``. Each reply's own ``train_local`` seconds are captured from the replies' metrics.
+actor pool build, ``run_server`` start/end, the round loop (``ServerRun.run``, logged as ``run_rounds``) start/end,
+each ``send_and_receive`` (client phase of a round), each central ``evaluate``, and the backend's terminate.
+Per-round ``seconds`` come from ``summary.json``. Each reply's own ``train_local`` seconds are captured from
+the replies' metrics.
 
 Memory: a thread in the parent polls the measured process and all its descendants (Ray's raylet, GCS,
 workers are children of the driver) every ``--sample-interval`` seconds with psutil and keeps each
@@ -285,6 +286,7 @@ def worker_main(mode: str, config_json: str, result_path: str, threads: int = 0)
     try:
         if mode == "sim":
             from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
             import fedtune.server.run
 
             _wrap(RayBackend, "init_ray", events, "ray_init")
@@ -583,7 +585,7 @@ def breakdown(result: dict[str, Any]) -> dict[str, Any]:
         return {}
     rounds = [r for r in (result.get("summary") or {}).get("rounds", []) if r.get("round", 0) >= 1]
     rr_start, rr_end = _first(ev, "run_rounds:start"), _last(ev, "run_rounds:end")
-    rs_start, rs_end = _first(ev, "run_server:start"), _last(ev, "run_server:end")
+    rs_end = _last(ev, "run_server:end")
     out: dict[str, Any] = {
         "total": result.get("seconds"),
         "prepare": (_first(ev, "prepare:end") or t0) - t0,
@@ -643,7 +645,8 @@ def build_report(data: dict[str, Any]) -> str:
         f"Settings: {data['settings_text']}",
         "",
         "`seq` = `prepare` + `run_server` on an in-process Grid that calls the unchanged fedtune ClientApp for each "
-        "client in turn; `sim` = `fedtune.simulations.simulate.simulate`. Each run in a fresh process; times exclude interpreter "
+        "client in turn; `sim` = `fedtune.simulations.simulate.simulate`. "
+        "Each run in a fresh process; times exclude interpreter "
         "start and imports common to both. Load = 1-minute load average when the run started.",
         "",
         "## Wall time",
@@ -691,7 +694,9 @@ def build_report(data: dict[str, Any]) -> str:
         "",
         "## Where the simulation's time goes (seconds from the start of `simulate()`)",
         "",
-        "| K | rep | prepare (driver data+model) | Ray init | actor pool build | Ray+actors ready at | round-0 eval | client phase per round sim (seq) | eval per round | train_local per client, round 1 / 2 sim (seq) | seq: calibration, tokenization (sums) | outputs + shutdown |",
+        "| K | rep | prepare (driver data+model) | Ray init | actor pool build | Ray+actors ready at | round-0 eval "
+        "| client phase per round sim (seq) | eval per round | train_local per client, round 1 / 2 sim (seq) "
+        "| seq: calibration, tokenization (sums) | outputs + shutdown |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in data["pairs"]:
@@ -704,17 +709,20 @@ def build_report(data: dict[str, Any]) -> str:
             return " / ".join(",".join(_fmt(x) for x in t.get(str(r), [])) for r in sorted(int(k) for k in t))
 
         lines.append(
-            f"| {pair['clients']} | {pair['repeat']} | {_fmt(bs.get('prepare'))} | {_fmt(bs.get('ray_init'))} | {_fmt(bs.get('actor_pool_build'))} | "
+            f"| {pair['clients']} | {pair['repeat']} | {_fmt(bs.get('prepare'))} | {_fmt(bs.get('ray_init'))} | "
+            f"{_fmt(bs.get('actor_pool_build'))} | "
             f"{_fmt(bs.get('ray_ready_after_start'))} | {_fmt(ev[0] if ev else None)} | "
-            f"{', '.join(_fmt(x) for x in bs.get('client_phase', []))} ({', '.join(_fmt(x) for x in bq.get('client_phase', []))}) | "
+            f"{', '.join(_fmt(x) for x in bs.get('client_phase', []))} "
+            f"({', '.join(_fmt(x) for x in bq.get('client_phase', []))}) | "
             f"{', '.join(_fmt(x) for x in ev[1:])} | {tl(bs)} ({tl(bq)}) | {_fmt(sum(bq.get('calibrate', [])))}, "
             f"{_fmt(sum(bq.get('tokenize', [])))} | {_fmt(bs.get('after_rounds'))} |"
         )
     lines += [
         "",
-        "## Memory (peak RSS, MB; sampled every %.1f s)" % data["settings"]["sample_interval"],
+        f"## Memory (peak RSS, MB; sampled every {data['settings']['sample_interval']:.1f} s)",
         "",
-        "| K | rep | actors | peak RSS per ClientAppActor | actor CPU s (max threads) | sim driver | other Ray processes (sum of peaks) | sim tree peak (sum) | seq process | leftover processes after sim |",
+        "| K | rep | actors | peak RSS per ClientAppActor | actor CPU s (max threads) | sim driver "
+        "| other Ray processes (sum of peaks) | sim tree peak (sum) | seq process | leftover processes after sim |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in data["pairs"]:
@@ -722,22 +730,23 @@ def build_report(data: dict[str, Any]) -> str:
         ms, mq = sim.get("memory", {}), seq.get("memory", {})
         left = sim.get("leftovers_after_wait") if sim.get("leftovers_immediately") else []
         lines.append(
-            f"| {pair['clients']} | {pair['repeat']} | {ms.get('actors')} | {', '.join(_fmt(x, 0) for x in ms.get('actor_peak_rss_mb', []))} | "
-            f"{', '.join(_fmt(x) for x in ms.get('actor_cpu_s', []))} ({', '.join(str(x) for x in ms.get('actor_max_threads', []))}) | {_fmt(ms.get('driver_peak_rss_mb'), 0)} | {_fmt(ms.get('other_ray_peak_rss_mb_sum'), 0)} "
-            f"({ms.get('other_processes')} procs) | {_fmt(ms.get('tree_peak_rss_mb'), 0)} | {_fmt(mq.get('driver_peak_rss_mb'), 0)} | "
+            f"| {pair['clients']} | {pair['repeat']} | {ms.get('actors')} | "
+            f"{', '.join(_fmt(x, 0) for x in ms.get('actor_peak_rss_mb', []))} | "
+            f"{', '.join(_fmt(x) for x in ms.get('actor_cpu_s', []))} "
+            f"({', '.join(str(x) for x in ms.get('actor_max_threads', []))}) | "
+            f"{_fmt(ms.get('driver_peak_rss_mb'), 0)} | {_fmt(ms.get('other_ray_peak_rss_mb_sum'), 0)} "
+            f"({ms.get('other_processes')} procs) | {_fmt(ms.get('tree_peak_rss_mb'), 0)} | "
+            f"{_fmt(mq.get('driver_peak_rss_mb'), 0)} | "
             f"{len(left) if left else 'none'} |"
         )
     ser = next((p["seq"].get("serialisation") for p in data["pairs"] if p["seq"].get("serialisation")), None)
     lines += ["", "## Other facts", ""]
     if ser:
+        sent, reply = ser.get("message", {}), ser.get("reply", {})
         lines.append(
-            "- One train Message pickles to %s bytes (%.2f ms dumps+loads), its reply to %s bytes (%.2f ms)."
-            % (
-                ser.get("message", {}).get("pickled_bytes"),
-                ser.get("message", {}).get("ms_dumps_loads", float("nan")),
-                ser.get("reply", {}).get("pickled_bytes"),
-                ser.get("reply", {}).get("ms_dumps_loads", float("nan")),
-            )
+            f"- One train Message pickles to {sent.get('pickled_bytes')} bytes "
+            f"({sent.get('ms_dumps_loads', float('nan')):.2f} ms dumps+loads), "
+            f"its reply to {reply.get('pickled_bytes')} bytes ({reply.get('ms_dumps_loads', float('nan')):.2f} ms)."
         )
     for pair in data["pairs"]:
         cs, cq = pair["sim"].get("calibration", {}), pair["seq"].get("calibration", {})
@@ -746,7 +755,8 @@ def build_report(data: dict[str, Any]) -> str:
             f"- K={pair['clients']} rep {pair['repeat']}: client calibrations identical in both modes: {same} "
             f"(sigma {sorted({round(v['sigma'], 4) for v in cs.values() if v.get('sigma')})}); "
             f"torch threads seq {pair['seq'].get('torch_threads')}, sim driver {pair['sim'].get('torch_threads')}; "
-            f"CPU seconds sim {_fmt(_cpu_total(pair['sim']))} (driver {_fmt(pair['sim'].get('memory', {}).get('driver_cpu_s'))}, "
+            f"CPU seconds sim {_fmt(_cpu_total(pair['sim']))} "
+            f"(driver {_fmt(pair['sim'].get('memory', {}).get('driver_cpu_s'))}, "
             f"actors {_fmt(sum(pair['sim'].get('memory', {}).get('actor_cpu_s', [])))}, other Ray "
             f"{_fmt(pair['sim'].get('memory', {}).get('other_cpu_s_sum'))}) vs seq {_fmt(_cpu_total(pair['seq']))} "
             "(whole processes, imports included)."
@@ -759,10 +769,13 @@ def build_report(data: dict[str, Any]) -> str:
         for key in pair.get("seq_keys", [])[1:]:
             bk = pair[key].get("breakdown", {})
             lines.append(
-                f"- K={pair['clients']} rep {pair['repeat']}, seq with {pair[key].get('torch_threads')} torch thread(s): "
-                f"client phase per round {', '.join(_fmt(x) for x in bk.get('client_phase', []))} s, train_local per client "
+                f"- K={pair['clients']} rep {pair['repeat']}, "
+                f"seq with {pair[key].get('torch_threads')} torch thread(s): "
+                f"client phase per round {', '.join(_fmt(x) for x in bk.get('client_phase', []))} s, "
+                "train_local per client "
                 f"{' / '.join(','.join(_fmt(x) for x in v) for v in bk.get('train_local_seconds', {}).values())} s, "
-                f"CPU seconds {_fmt(_cpu_total(pair[key]))}, peak RSS {_fmt(pair[key].get('memory', {}).get('driver_peak_rss_mb'), 0)} MB."
+                f"CPU seconds {_fmt(_cpu_total(pair[key]))}, "
+                f"peak RSS {_fmt(pair[key].get('memory', {}).get('driver_peak_rss_mb'), 0)} MB."
             )
     if not all(p[k]["load_before"]["below_max"] for p in data["pairs"] for k in [*p.get("seq_keys", ["seq"]), "sim"]):
         lines.append(
@@ -921,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args) | {"_worker": None, "_config": None, "_result": None},
         "settings_text": (
             f"{args.task}, model {args.model or 'all-MiniLM-L6-v2 (default)'}, R={args.rounds}, "
-            f"{args.max_train_examples} train / {args.max_eval_examples} eval examples, {args.local_steps} local steps, "
+            f"{args.max_train_examples} train / {args.max_eval_examples} eval examples, "
+            f"{args.local_steps} local steps, "
             f"batch {args.batch_size}, epsilon {args.epsilon:g}, {args.cpus_per_client:g} CPU per client, "
             f"{args.repeats} repeat(s), seq torch threads {args.seq_threads} (0 = default), data {args.data_dir}"
         ),

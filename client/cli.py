@@ -45,7 +45,8 @@ def _partition(args: argparse.Namespace) -> int:
         )
         return 0
     print(
-        f"{args.task}: {sum(i.examples for i in infos):,} training examples in {len(infos)} shard(s) ({args.partition}, seed {args.seed})"
+        f"{args.task}: {sum(i.examples for i in infos):,} training examples in {len(infos)} shard(s) "
+        f"({args.partition}, seed {args.seed})"
     )
     for info in infos:
         print(f"  {info.path.parent}  {info.examples:>7,} examples")
@@ -55,7 +56,7 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_client(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_client(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "client",
         help="join a federation as a client, training on this machine's data only",
@@ -111,7 +112,7 @@ def _add_client(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
     p.set_defaults(handler=lambda args: deploy.run_client(args))
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``keys``, ``partition`` and ``client``."""
     keys = subparsers.add_parser(
         "keys", help="create a client's authentication key pair (run it on the client machine)"

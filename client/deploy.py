@@ -50,7 +50,8 @@ def _check_tls(args: argparse.Namespace) -> tuple[Path, Path] | None:
         return None
     if not args.root_certificates or not args.auth_key:
         raise ValueError(
-            "--root-certificates CA_CRT and --auth-key KEY are required (TLS and client authentication are on by default; "
+            "--root-certificates CA_CRT and --auth-key KEY are required "
+            "(TLS and client authentication are on by default; "
             "--insecure only for local experiments)"
         )
     from cryptography import x509
@@ -110,7 +111,8 @@ def _ledger_line(settings: NodeSettings) -> str:
     ledger = PrivacyLedger.load(path)
     rounds = ledger.rounds(settings.client_id)
     return (
-        f"client {settings.client_id}: paid for round(s) {rounds or 'none'}, epsilon {ledger.certified_epsilon(settings.client_id):.4f} "
+        f"client {settings.client_id}: paid for round(s) {rounds or 'none'}, "
+        f"epsilon {ledger.certified_epsilon(settings.client_id):.4f} "
         f"(certified, delta {ledger.delta:g}) of budget {settings.epsilon:g}; ledger {path}"
     )
 

@@ -135,6 +135,7 @@ def train_deployed(message: Message, context: Context) -> Message:
     """Handle one ``train`` message on a deployed SuperNode (see the module docstring)."""
     configure_logging()
     settings = NodeSettings.from_node_config(context.node_config)
+    reason: str | None  # why this client refuses the round, if it does
     with state_lock(settings.state_dir):
         try:
             shard = shard_info(settings.data_path)

@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedtune.client.privacy import ClientPrivacy, Plan
 from fedtune.config import RunConfig
@@ -113,7 +113,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     from fedtune.progress import TrainingProgress
     from fedtune.train import TrainConfig, train_local
 
-    server_round = int(message.content[CONFIG_KEY][SERVER_ROUND_KEY])
+    server_round = int(cast(int, message.content[CONFIG_KEY][SERVER_ROUND_KEY]))
     client_id, guard = job.client_id, job.guard
     examples = len(job.shard)
     q, steps = job.sampling_rate, job.steps
@@ -162,7 +162,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         epsilon_before, epsilon_after = guard.ledger.certified_epsilon(client_id), verdict.epsilon_after
     model = job.new_model()
     try:
-        set_trainable_state(model, to_state(message.content[ARRAYS_KEY]))
+        set_trainable_state(model, to_state(cast(ArrayRecord, message.content[ARRAYS_KEY])))
     except ValueError as err:  # the server's global model itself is malformed: refuse, never crash
         return refuse(f"the global model sent for round {server_round} is unusable: {err}", sigma)
     train_config = TrainConfig(

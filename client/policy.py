@@ -54,7 +54,10 @@ def review_request(
             "(--epsilon inf); restart it with a finite --epsilon"
         )
     if client_private and not config.private:
-        return f"the server asks to train without DP (epsilon inf); this client only trains with DP within its budget epsilon {settings.epsilon:g}"
+        return (
+            "the server asks to train without DP (epsilon inf); "
+            f"this client only trains with DP within its budget epsilon {settings.epsilon:g}"
+        )
     if client_private and settings.delta >= 1.0 / shard.examples:
         return f"this client's delta {settings.delta:g} is not below 1 / {shard.examples} examples"
     if options.noise_multiplier and not client_private:

@@ -20,6 +20,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,8 +122,10 @@ class ClientPrivacy:
                 after,
                 self.epsilon,
                 (
-                    f"noise multiplier {sigma:g} over {plan.rounds} rounds x {plan.steps_per_round} steps at q = {plan.sampling_rate:.4g} "
-                    f"gives epsilon {after:.4g} (certified, delta {self.delta:g}) > this client's budget {self.epsilon:g}"
+                    f"noise multiplier {sigma:g} over {plan.rounds} rounds x {plan.steps_per_round} steps "
+                    f"at q = {plan.sampling_rate:.4g} "
+                    f"gives epsilon {after:.4g} (certified, delta {self.delta:g}) "
+                    f"> this client's budget {self.epsilon:g}"
                 ),
             )
         return BudgetCheck(True, after, self.epsilon)
@@ -136,7 +139,8 @@ class ClientPrivacy:
     ) -> None:
         """Persist the update, then the spend, before anything is sent."""
         buffer = io.BytesIO()
-        np.savez(buffer, **update)
+        arrays: dict[str, Any] = update  # Any: numpy's stub matches **arrays to allow_pickle: bool
+        np.savez(buffer, **arrays)
         atomic_write_bytes(self.state_dir / "updates" / f"round-{server_round}.npz", buffer.getvalue())
         self.ledger.record(self.client_id, server_round, event, examples)
 

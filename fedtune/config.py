@@ -175,7 +175,8 @@ class RunConfig:
         get_accountant(self.accountant)
         if self.cpus_per_client <= 0 or self.gpus_per_client < 0:
             raise ValueError(
-                f"cpus_per_client must be > 0 and gpus_per_client >= 0, got {self.cpus_per_client!r}, {self.gpus_per_client!r}"
+                "cpus_per_client must be > 0 and gpus_per_client >= 0, "
+                f"got {self.cpus_per_client!r}, {self.gpus_per_client!r}"
             )
 
     # -- derived -----------------------------------------------------------------------------

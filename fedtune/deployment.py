@@ -103,7 +103,8 @@ def check_host(host: str) -> str:
     labels = text.rstrip(".").split(".")
     if not text or len(text) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
         raise ValueError(
-            f"--host {host!r} is neither an IP address nor a DNS name (letters, digits, '-' and '.'; no port, no scheme)"
+            f"--host {host!r} is neither an IP address nor a DNS name "
+            "(letters, digits, '-' and '.'; no port, no scheme)"
         )
     return text.lower()
 
@@ -135,7 +136,8 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise ValueError(
-            f"{existing[0]} already exists; pass --force to replace it (clients holding the old files must get the new ones)"
+            f"{existing[0]} already exists; pass --force to replace it "
+            "(clients holding the old files must get the new ones)"
         )
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def evaluate(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if len(eval_dataset) == 0:
+    if len(cast(Sized, eval_dataset)) == 0:
         raise ValueError("the evaluation dataset is empty")
     device = torch.device(device)
     was_training = model.training

@@ -31,7 +31,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -280,13 +280,14 @@ def load_model_and_tokenizer(
         if tokenizer.eos_token is None:
             raise ValueError(f"model {name!r}: tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    config: Any = model.config  # transformers' PretrainedConfig (nn.Module attributes are typed Tensor | Module)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
     model.train()
     logger.info(
         "loaded %s (%s, %.1fM parameters, %d labels)",
         name,
-        model.config.model_type,
+        config.model_type,
         sum(p.numel() for p in model.parameters()) / 1e6,
         num_labels,
     )
@@ -426,7 +427,8 @@ def build_peft_model(base_model: nn.Module, lora: LoraSettings, *, seed: int = 0
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        # peft annotates lora_alpha as int, but only divides by it (scaling = lora_alpha / r): a float is intended
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]
         lora_dropout=lora.dropout,
         target_modules=list(targets),
         modules_to_save=list(heads),
@@ -458,7 +460,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """Strip an Opacus ``GradSampleModule`` wrapper (its names carry a ``_module.`` prefix)."""
     inner = model
     while type(inner).__name__.endswith("GradSampleModule") and hasattr(inner, "_module"):
-        inner = inner._module
+        inner = cast(nn.Module, inner._module)
     return inner
 
 

@@ -91,7 +91,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{'round':>5}  {metric:>10}  {'epsilon (certified)':>20}  {'seconds':>8}"]
     for r in summary["rounds"]:
         lines.append(
-            f"{r['round']:>5}  {r.get(metric, math.nan):>10.4f}  {_fmt(r.get('epsilon_certified')):>20}  {r.get('seconds', 0.0):>8.1f}"
+            f"{r['round']:>5}  {r.get(metric, math.nan):>10.4f}  "
+            f"{_fmt(r.get('epsilon_certified')):>20}  {r.get('seconds', 0.0):>8.1f}"
         )
     lines.append("")
     mixes = {str(s["client"]): s["label_counts"] for s in summary.get("partition", {}).get("shards", [])}
@@ -103,7 +104,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         mix = " ".join(f"{k}:{v}" for k, v in mixes.get(str(c["id"]), {}).items())
         q, sigma = c.get("sampling_rate"), c.get("noise_multiplier")
         lines.append(
-            f"{c['id']:>6}  {c['examples']:>8}  {_num(q):>7}  {_num(sigma):>7}  {c['steps']:>6}  {_fmt(c['epsilon']):>18}  "
+            f"{c['id']:>6}  {c['examples']:>8}  {_num(q):>7}  {_num(sigma):>7}  "
+            f"{c['steps']:>6}  {_fmt(c['epsilon']):>18}  "
             f"{_fmt(c['epsilon_certified']):>19}  {mix}"
         )
     lines.append(
@@ -111,7 +113,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(
-        f"composed record-level epsilon (max over clients, certified, delta {summary['delta']:g}): {_fmt(summary['composed_epsilon'])}"
+        f"composed record-level epsilon (max over clients, certified, delta {summary['delta']:g}): "
+        f"{_fmt(summary['composed_epsilon'])}"
     )
     lines.append(f"final {metric}: {summary['final_accuracy']:.4f}   total time: {summary['seconds']:.1f} s")
     majority = summary.get("majority_class_rate")

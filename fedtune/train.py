@@ -57,9 +57,9 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -386,7 +386,9 @@ def poisson_loader(
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     _check_float("sample_rate", sample_rate, 0.0, low_inclusive=False, high=1.0, high_inclusive=True)
-    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(cast(Sized, dataset)), sample_rate=sample_rate, generator=generator
+    )
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -440,8 +442,9 @@ def attach_dp(
 
 def detach_dp(grad_sample_module: nn.Module) -> nn.Module:
     """Remove every Opacus hook and per-parameter attribute; return the bare model."""
-    inner = grad_sample_module._module
-    grad_sample_module._close()
+    gsm: Any = grad_sample_module  # an Opacus GradSampleModule (nn.Module attributes are typed Tensor | Module)
+    inner: nn.Module = gsm._module
+    gsm._close()
     for param in inner.parameters():
         for attr in ("summed_grad", "grad_sample", "_forward_counter", "_current_grad_sample"):
             if hasattr(param, attr):
@@ -502,7 +505,7 @@ def _float32_grad_samples(params: Sequence[nn.Parameter]) -> None:
     for param in params:
         sample = getattr(param, "grad_sample", None)
         if isinstance(sample, torch.Tensor) and sample.dtype != param.dtype:
-            param.grad_sample = sample.to(param.dtype)
+            cast(Any, param).grad_sample = sample.to(param.dtype)  # Opacus' per-sample gradient attribute
 
 
 def plain_step(
@@ -740,7 +743,7 @@ class MemoryGuard:
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # type: ignore[no-any-return]
+        return libc.malloc_trim
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return None
 
@@ -793,7 +796,7 @@ def train_local(
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    num_examples = len(train_dataset)
+    num_examples = len(cast(Sized, train_dataset))
     if num_examples == 0:
         raise ValueError("the training dataset is empty")
     if config.private and config.batch_size > num_examples:

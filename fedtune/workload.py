@@ -108,7 +108,8 @@ class Workload:
         return self._work_model
 
     def packed_train_set(self, partition_id: int) -> Any:
-        """Tokenized shard of client ``partition_id`` padded once into tensors (:func:`fedtune.batching.pack_dataset`)."""
+        """Tokenized shard of client ``partition_id`` padded once into tensors
+        (:func:`fedtune.batching.pack_dataset`)."""
         from fedtune.batching import pack_dataset
 
         if partition_id not in self._packed:

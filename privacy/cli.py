@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedtune.privacy.accountants import AccountingError, available_accountants, get_accountant
 from fedtune.privacy.calibration import DEFAULT_ACCOUNTANT, calibrate_noise, certifier, smallest_sigma
@@ -22,7 +23,7 @@ def _accountant_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``privacy epsilon|calibrate|ledger`` to the ``fedtune`` command."""
     privacy = subparsers.add_parser("privacy", help="privacy accounting: epsilon, noise calibration, ledgers")
     sub = privacy.add_subparsers(dest="privacy_command", required=True)
@@ -111,7 +112,8 @@ def _epsilon(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"epsilon at delta = {delta:g} for q = {event.sampling_rate:g}, sigma = {event.noise_multiplier:g}, steps = {event.steps}"
+            f"epsilon at delta = {delta:g} for q = {event.sampling_rate:g}, "
+            f"sigma = {event.noise_multiplier:g}, steps = {event.steps}"
         )
         print(
             _table(
@@ -129,7 +131,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     SubsampledGaussianEvent(args.q, 1.0, args.steps)
     chosen = calibrate_noise(target, delta, args.q, args.steps, accountant=args.accountant)
     cert = certifier()
-    per = []
+    per: list[dict[str, Any]] = []
     for name in args.accountants or available_accountants():
         try:
             sigma = smallest_sigma(get_accountant(name), target, delta, args.q, args.steps)

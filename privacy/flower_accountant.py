@@ -9,6 +9,7 @@ the same code as the rest of fedtune: estimates from the configured accountant, 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from flwr.serverapp import PrivacyAccountant
 from flwr.supercore.privacy_accounting import (
@@ -72,7 +73,8 @@ class FlowerPrivacyAccountant:
             raise TypeError(f"expected a flwr GaussianPrivacyEvent, got {event!r}")
         if event.population_size != self._config.population_size:
             raise ValueError(
-                f"event population_size {event.population_size} differs from the configured {self._config.population_size}"
+                f"event population_size {event.population_size} differs from the configured "
+                f"{self._config.population_size}"
             )
         if self._config.sampling_method is SamplingMethod.NO_AMPLIFICATION:
             q = 1.0
@@ -143,12 +145,12 @@ class FlowerPrivacyAccountant:
             ],
         }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
         if not isinstance(state, dict) or state.get("schema") != _STATE_SCHEMA:
             raise ValueError(f"not a fedtune Flower accountant state (schema {_STATE_SCHEMA!r} expected)")
         events = []
-        for raw in state["events"]:  # type: ignore[union-attr]
+        for raw in state["events"]:
             event = GaussianPrivacyEvent(
                 float(raw["noise_multiplier"]), int(raw["sample_size"]), int(raw["population_size"])
             )

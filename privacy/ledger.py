@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedtune.io import atomic_write_json, read_json
 from fedtune.privacy.accountants import Accountant, get_accountant
@@ -72,14 +73,14 @@ class LedgerEntry:
         return {"client_id": self.client_id, "round": self.round, "examples": self.examples, **self.event.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> LedgerEntry:
+    def from_dict(cls, data: dict[str, Any]) -> LedgerEntry:
         try:
             return cls(
                 str(data["client_id"]),
                 int(data["round"]),
                 SubsampledGaussianEvent.from_dict(data),
                 int(data["examples"]),
-            )  # type: ignore[arg-type]
+            )
         except KeyError as err:
             raise ValueError(f"ledger entry is missing the field {err.args[0]!r}: {data!r}") from None
 
@@ -290,7 +291,8 @@ class PrivacyLedger:
                 after,
                 budget,
                 f"client {client_id!r} has spent epsilon {spent:.4g} (certified, delta {self.delta:g}); the planned "
-                f"{planned.steps} steps at q = {planned.sampling_rate:.4g}, sigma = {planned.noise_multiplier:.4g} would "
+                f"{planned.steps} steps at q = {planned.sampling_rate:.4g}, "
+                f"sigma = {planned.noise_multiplier:.4g} would "
                 f"bring it to {after:.4g} > budget {budget:g}",
             )
         return BudgetCheck(True, after, budget)

@@ -40,6 +40,8 @@ __all__ = ["make_server_app", "run_server", "majority_rate", "Checkpointer", "Ru
 
 log = logging.getLogger(__name__)
 
+#: summary.json format: fields are only added (readers of version N read all versions <= N).
+SUMMARY_SCHEMA = "fedtune.summary/1"
 _TRAIN_KEYS = ("train-loss", "padding-efficiency", "examples-per-second")  # client means, weighted by examples
 
 
@@ -87,8 +89,12 @@ class RoundLog(ServerCallback):
         log.info(
             "run %s after round %d: %s %.4f, epsilon (certified, max) %.4f; results in %s "
             "(summary.json, metrics.csv, plot.png, ledger.json, adapter/)",
-            "stopped early" if run.stop_reason else "finished", int(last["round"]), self.metric, last[self.metric],
-            last["epsilon_certified"], run.config.out_dir.resolve(),
+            "stopped early" if run.stop_reason else "finished",
+            int(last["round"]),
+            self.metric,
+            last[self.metric],
+            last["epsilon_certified"],
+            run.config.out_dir.resolve(),
         )
 
 
@@ -144,7 +150,8 @@ class RunReport(ServerCallback):
         notes = list(self.workload.data.notes)
         if not self.workload.shards:
             notes.append(
-                "deployed: each client trained on its own data on its own machine; the server saw only the evaluation split"
+                "deployed: each client trained on its own data on its own machine; "
+                "the server saw only the evaluation split"
             )
         if config.private:
             notes.append(
@@ -156,6 +163,7 @@ class RunReport(ServerCallback):
             )
         shards = self.workload.shards
         summary: dict[str, Any] = {
+            "schema": SUMMARY_SCHEMA,
             "task": config.task,
             "metric": self.metric,
             "final_accuracy": rows[-1][self.metric],

@@ -37,7 +37,8 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` under ``folder`` atomically; returns the state file."""
     folder = Path(folder)
     buffer = io.BytesIO()
-    np.savez(buffer, **checkpoint.arrays)
+    arrays: dict[str, Any] = checkpoint.arrays  # Any: numpy's stub matches **arrays to allow_pickle: bool
+    np.savez(buffer, **arrays)
     name = f"arrays-r{checkpoint.round:04d}.npz"
     atomic_write_bytes(folder / name, buffer.getvalue())
     state = atomic_write_json(

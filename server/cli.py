@@ -25,7 +25,7 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_server(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_server(subparsers: argparse._SubParsersAction) -> None:
     o = DeployOptions()
     p = subparsers.add_parser(
         "server",
@@ -94,13 +94,15 @@ def _stop_local(args: argparse.Namespace) -> int:
     port = args.port or local_superlink_port()
     stopped = stop_local_superlink(port)
     if stopped:
-        print(f"stopped the local SuperLink on 127.0.0.1:{port} (process {', '.join(map(str, stopped))}) and its helpers")
+        print(
+            f"stopped the local SuperLink on 127.0.0.1:{port} (process {', '.join(map(str, stopped))}) and its helpers"
+        )
     else:
         print(f"no local SuperLink of `flwr run` is serving 127.0.0.1:{port}")
     return 0
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``certs``, ``server`` and ``stop-local-superlink``."""
     certs = subparsers.add_parser("certs", help="create a development CA and a TLS certificate for the server")
     certs.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.crt, server.key")
@@ -109,7 +111,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore
         action="append",
         default=[],
         metavar="NAME",
-        help="DNS name or IP address clients use to reach the server (repeatable; localhost and 127.0.0.1 are always included)",
+        help="DNS name or IP address clients use to reach the server "
+        "(repeatable; localhost and 127.0.0.1 are always included)",
     )
     certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     certs.add_argument("--force", action="store_true", help="replace existing files (clients then need the new ca.crt)")

@@ -45,7 +45,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[RunConfig, DeployOpti
         paths = ServerPaths(out / "deploy")
         if not (out / "config.json").exists() or not paths.settings.exists():
             raise ValueError(
-                f"--resume {args.resume}: no run of `fedtune server` there (expected config.json and deploy/deploy.json)"
+                f"--resume {args.resume}: no run of `fedtune server` there "
+                "(expected config.json and deploy/deploy.json)"
             )
         config = RunConfig.from_dict({**read_json(out / "config.json"), "out": str(out)})
         stored = read_json(paths.settings)
@@ -88,13 +89,15 @@ def _check_network(network: dict[str, Any], clients: int) -> list[Path]:
     missing = [name for name in ("ca.crt", "server.crt", "server.key") if not (certs / name).is_file()]
     if missing:
         raise ValueError(
-            f"--certs {certs}: {', '.join(missing)} missing (create them with `fedtune certs --out {certs} --host NAME`)"
+            f"--certs {certs}: {', '.join(missing)} missing "
+            f"(create them with `fedtune certs --out {certs} --host NAME`)"
         )
     keys_dir = Path(network["client_keys"])
     keys = sorted(keys_dir.glob("*.pub")) if keys_dir.is_dir() else []
     if not keys:
         raise ValueError(
-            f"--client-keys {keys_dir}: no *.pub files (each client makes one with `fedtune keys` and sends you the .pub file)"
+            f"--client-keys {keys_dir}: no *.pub files "
+            "(each client makes one with `fedtune keys` and sends you the .pub file)"
         )
     if len(keys) < clients:
         log.warning("only %d client key(s) in %s for %d expected clients", len(keys), keys_dir, clients)
@@ -170,7 +173,8 @@ def _warn_insecure() -> None:
     bar = "!" * 78
     print(
         f"{bar}\n!! --insecure: NO TLS and NO client authentication. Everything, including model updates, travels\n"
-        f"!! in clear text, and ANY machine that reaches this port can join as a client. Local experiments only.\n{bar}",
+        "!! in clear text, and ANY machine that reaches this port can join as a client. Local experiments only.\n"
+        f"{bar}",
         file=sys.stderr,
     )
 
@@ -193,7 +197,8 @@ def _progress(out: Path, shown: int) -> int:
             eps_text = eps if isinstance(eps, str) else f"{float(eps):.4f}"
             print(
                 f"round {row['round']}: {metric} {float(row[metric]):.4f}, epsilon (certified, max) {eps_text}, "
-                f"{row['clients_trained']} client(s), {row['clients_rejected']} rejected, {float(row['seconds']):.1f} s",
+                f"{row['clients_trained']} client(s), {row['clients_rejected']} rejected, "
+                f"{float(row['seconds']):.1f} s",
                 flush=True,
             )
     return int(data["round"])
@@ -263,7 +268,8 @@ def _run(
     server.start_gateway()
     where = f"{network['host']}:{network['port']}"
     print(
-        f"SuperLink ready; clients connect to {where} ({'NO TLS' if server.insecure else 'TLS, registered keys only'}); "
+        f"SuperLink ready; clients connect to {where} "
+        f"({'NO TLS' if server.insecure else 'TLS, registered keys only'}); "
         f"logs in {paths.logs}",
         flush=True,
     )
@@ -287,14 +293,16 @@ def _run(
     if status != "finished:completed" or not summary_path.exists():
         cause = _last_error(log_file)
         print(
-            f"fedtune: error: run {run_id} ended as {status} without a summary{': ' + cause if cause else ''}; see {log_file}",
+            f"fedtune: error: run {run_id} ended as {status} without a summary"
+            f"{': ' + cause if cause else ''}; see {log_file}",
             file=sys.stderr,
         )
         return 1
     summary = read_json(summary_path)
     print(json.dumps(summary, indent=2) if as_json else "\n" + format_summary(summary))
     print(
-        f"\noutputs in {out}/: summary.json, metrics.csv, plot.png, ledger.json, checkpoint/, adapter/; logs in {paths.logs}"
+        f"\noutputs in {out}/: summary.json, metrics.csv, plot.png, ledger.json, checkpoint/, adapter/; "
+        f"logs in {paths.logs}"
     )
     if summary.get("stop_reason"):
         print(f"fedtune: the run stopped early: {summary['stop_reason']}", file=sys.stderr)

@@ -78,7 +78,8 @@ class QuorumRounds(Rounds):
             if result.clients_trained >= quorum:
                 return result
             log.warning(
-                "round %d, attempt %d of %d: %d valid update(s), %d needed (min-clients); the global model is unchanged",
+                "round %d, attempt %d of %d: %d valid update(s), %d needed (min-clients); "
+                "the global model is unchanged",
                 rnd,
                 attempt + 1,
                 options.round_retries + 1,

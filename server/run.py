@@ -136,7 +136,7 @@ def play_round(
     new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
     rejected = len(strategy.rejected) - rejected_before
     missing = len(messages) - len(replies)
-    errors = [r.error.reason for r in replies if r.has_error()]
+    errors = [(r.error.reason or "") for r in replies if r.has_error()]
     if missing:
         errors.append(f"{missing} client(s) sent no reply within {timeout:g} s")
     return RoundResult(

@@ -167,7 +167,8 @@ def _log_client_round(server_round: int, reply: ClientReply, metrics: Any) -> No
     epsilon = reply.epsilon_certified if reply.dp else math.inf
     pad = float(m.get("padding-efficiency", -1.0))
     log.info(
-        "round %d: client %s trained %d steps at q = %.4g, sigma %.4g, %.0f ex/s, padding efficiency %s, %.1f s, epsilon %s (certified)",
+        "round %d: client %s trained %d steps at q = %.4g, sigma %.4g, %.0f ex/s, "
+        "padding efficiency %s, %.1f s, epsilon %s (certified)",
         server_round,
         reply.client_id,
         reply.steps,

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -110,9 +111,8 @@ class FlowerServer:
             f"[superlink.{CONNECTION}]",
             f'address = "127.0.0.1:{self.internal_port}"',
         ]
-        lines.append(
-            "insecure = true" if self.insecure else f"root-certificates = {json.dumps(str(self.certs / 'ca.crt'))}"
-        )
+        certs = self.certs
+        lines.append("insecure = true" if certs is None else f"root-certificates = {json.dumps(str(certs / 'ca.crt'))}")
         self.paths.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.paths.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -130,16 +130,17 @@ class FlowerServer:
             str(self.paths.database),
             "--disable-runtime-dependency-installation",
         ]
-        if self.insecure:
+        certs = self.certs
+        if certs is None:
             command.append("--insecure")
         else:
             command += [
                 "--ssl-ca-certfile",
-                str(self.certs / "ca.crt"),
+                str(certs / "ca.crt"),
                 "--ssl-certfile",
-                str(self.certs / "server.crt"),
+                str(certs / "server.crt"),
                 "--ssl-keyfile",
-                str(self.certs / "server.key"),
+                str(certs / "server.key"),
                 "--enable-supernode-auth",
             ]
         log_path = self.paths.logs / "superlink.log"
@@ -166,16 +167,17 @@ class FlowerServer:
             "--upstream",
             f"127.0.0.1:{self.internal_port}",
         ]
+        certs = self.certs
         gateway += (
             ["--insecure"]
-            if self.insecure
+            if certs is None
             else [
                 "--certfile",
-                str(self.certs / "server.crt"),
+                str(certs / "server.crt"),
                 "--keyfile",
-                str(self.certs / "server.key"),
+                str(certs / "server.key"),
                 "--ca-file",
-                str(self.certs / "ca.crt"),
+                str(certs / "ca.crt"),
             ]
         )
         gateway_log = self.paths.logs / "gateway.log"
@@ -268,13 +270,14 @@ class FlowerServer:
         return int(answer["run-id"])
 
     def status(self, run_id: int) -> str:
-        """The run's status (``pending``, ``running``, ``finished:completed``, ``finished:failed`` ...), or ``unknown``."""
+        """The run's status (``pending``, ``running``, ``finished:completed``, ``finished:failed`` ...),
+        or ``unknown``."""
         result = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", check=False)
         runs = _json(result.stdout).get("runs") or []
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
-def _json(text: str) -> dict[str, object]:
+def _json(text: str) -> dict[str, Any]:
     start = text.find("{")
     if start < 0:
         return {}

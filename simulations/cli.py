@@ -54,7 +54,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if any(r.get("status") in ("failed", "degraded") for r in rows) else 0
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``simulate``, ``centralized`` and ``compare``."""
     sim = subparsers.add_parser("simulate", help="federated DP fine-tuning on Flower's simulation engine (Ray)")
     add_run_options(sim, federated=True)

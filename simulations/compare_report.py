@@ -89,7 +89,8 @@ def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
     metric = next(iter(groups.values()))[0]["metric"]
     seeds = sorted({int(r["seed"]) for r in _ok(rows)})
     lines = [
-        f"| setting | epsilon target | certified epsilon reached | {metric} | vs non-private (same setting) | vs centralized (same epsilon) "
+        f"| setting | epsilon target | certified epsilon reached | {metric} | vs non-private (same setting) "
+        "| vs centralized (same epsilon) "
         "| examples processed | minutes | seeds |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]

@@ -103,7 +103,7 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             server_app=make_server_app(config, resume=resume),
             client_app=make_client_app(config),
             num_supernodes=config.clients,
-            backend_config=backend_config,  # type: ignore[arg-type]
+            backend_config=backend_config,
         )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
@@ -136,7 +136,8 @@ def _wait_for_server_threads(timeout: float) -> None:
     for thread in threading.enumerate():
         if thread is threading.current_thread() or thread.daemon:
             continue
-        if getattr(thread, "_target", None) is not None and "server_th" in getattr(thread._target, "__name__", ""):
+        target = getattr(thread, "_target", None)
+        if target is not None and "server_th" in getattr(target, "__name__", ""):
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("the ServerApp thread did not stop within %.0f s", timeout)

@@ -20,13 +20,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from fedtune.data.local import DataNotFoundError, load_local_splits, resolve_task_dir
+from fedtune.data.local import DataNotFoundError, Format, load_local_splits, resolve_task_dir
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -242,7 +242,10 @@ def _canonical(ds: datasets.Dataset, spec: TaskSpec, where: str) -> datasets.Dat
 def _load_hub(spec: TaskSpec) -> tuple[datasets.Dataset, datasets.Dataset]:
     from fedtune.io import hub_reachable
 
-    offline = any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(
+        os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
     if not offline and not hub_reachable():  # offline mode reads the local cache without retries
         raise DataNotFoundError(
             f"no local GLUE data for task {spec.name!r} and the Hugging Face hub cannot be reached (offline?): "
@@ -335,7 +338,7 @@ def load_glue(
         used, task_dir = "hub", None
     else:
         task_dir = resolve_task_dir(root, spec)
-        fmt = None if source == "auto" else source.removeprefix("local-")
+        fmt = cast("Format | None", None if source == "auto" else source.removeprefix("local-"))
         loaded = load_local_splits(task_dir, spec, fmt)
         used = f"local-{loaded.fmt}"
         notes.extend(loaded.notes)

@@ -119,7 +119,8 @@ def _parquet_path(path: Path) -> Path:
         candidate = path / SHARD_FILE
         if not candidate.is_file():
             raise DataNotFoundError(
-                f"--data {str(path)!r} holds no {SHARD_FILE} (expected a `fedtune partition` client folder or a parquet file)"
+                f"--data {str(path)!r} holds no {SHARD_FILE} "
+                "(expected a `fedtune partition` client folder or a parquet file)"
             )
         return candidate
     if path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import stat
@@ -18,7 +19,8 @@ from fedtune.deployment import create_certificates, create_client_keys, read_pub
 
 
 def _handshake(files_dir: Path, ca: Path, server_name: str) -> str:
-    """TLS handshake on 127.0.0.1 between a server using ``files_dir`` and a client trusting ``ca``; returns the peer CN."""
+    """TLS handshake on 127.0.0.1 between a server using ``files_dir`` and a client trusting ``ca``;
+    returns the peer CN."""
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(files_dir / "server.crt", files_dir / "server.key")
     listener = socket.create_server(("127.0.0.1", 0))
@@ -104,3 +106,18 @@ def test_bad_input_is_one_clear_line(
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedtune: error:") and fragment in err and "\n" not in err
+
+
+def test_flower_helpers_are_found_without_the_environment_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/venv/bin/fedtune server` without an activated venv: Flower starts flower-superexec by name."""
+    import shutil
+    import sys
+
+    from fedtune.deployment import child_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = child_env(FLWR_HOME="/tmp/x")
+    here = str(Path(sys.executable).parent)
+    assert env["PATH"].split(os.pathsep)[0] == here and env["FLWR_HOME"] == "/tmp/x"
+    assert env["PATH"].count(here) == 1
+    assert shutil.which("flower-superexec", path=env["PATH"]) == str(Path(here) / "flower-superexec")

@@ -106,7 +106,7 @@ def test_root_search_returns_a_true_root(name, caplog):
         ev = Event(q, sigma, steps)
         curve, guess = acc._delta_curve(Composition((ev,)))
         with caplog.at_level(logging.ERROR):
-            crossing = last_crossing(lambda e: float(curve(e)), delta, 0.0, guess, what="test")
+            crossing = last_crossing(lambda e, curve=curve: float(curve(e)), delta, 0.0, guess, what="test")
         eps = acc.get_epsilon(ev, delta)
         if crossing is None:
             assert eps == 0.0

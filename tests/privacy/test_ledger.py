@@ -185,7 +185,9 @@ class TestCrashSafety:
             start = len(led)
             i = 0
             while True:
-                led.record(f"client-{i % 7}", start + i, SubsampledGaussianEvent(0.01, 1.0 + (i % 5) / 10, 100 + i), 50 + i)
+                led.record(
+                    f"client-{i % 7}", start + i, SubsampledGaussianEvent(0.01, 1.0 + (i % 5) / 10, 100 + i), 50 + i
+                )
                 if i == 0:
                     print("ready", flush=True)
                 i += 1

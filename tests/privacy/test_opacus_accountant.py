@@ -15,7 +15,7 @@ from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 from fedtune.privacy.accountants import get_accountant  # noqa: E402
 from fedtune.privacy.calibration import calibrate_noise  # noqa: E402
 from fedtune.privacy.events import Composition  # noqa: E402
-from fedtune.privacy.events import SubsampledGaussianEvent as Event
+from fedtune.privacy.events import SubsampledGaussianEvent as Event  # noqa: E402
 from fedtune.privacy.opacus_accountant import (  # noqa: E402
     EdgeworthOpacusAccountant,
     FedtuneOpacusAccountant,

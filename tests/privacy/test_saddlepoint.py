@@ -50,7 +50,7 @@ def test_close_to_the_gaussian_mechanism_at_q_equal_one(sp, sigma, steps):
         return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
 
     for target in (1e-5, 1e-7):
-        exact = brentq(lambda e: delta(e) - target, 0.0, 200.0, xtol=1e-13)
+        exact = brentq(lambda e, target=target: delta(e) - target, 0.0, 200.0, xtol=1e-13)
         assert sp.get_epsilon(Event(1.0, sigma, steps), target) == pytest.approx(exact, rel=1e-3)
 
 
@@ -60,7 +60,9 @@ def test_reports_the_worse_direction(sp):
     # at the reported epsilon one direction meets delta exactly and the other is no worse
     logs = []
     for direction in (0, 1):
-        s = brentq(lambda x: float(_direction_cgf(comp, x, direction)[1]) - eps, 1e-6, 200.0, xtol=1e-14)
+        s = brentq(
+            lambda x, direction=direction: float(_direction_cgf(comp, x, direction)[1]) - eps, 1e-6, 200.0, xtol=1e-14
+        )
         logs.append(_log_delta_at(_direction_cgf(comp, s, direction), s))
     assert max(logs) == pytest.approx(math.log(1e-5), abs=1e-6)
     assert min(logs) < math.log(1e-5)

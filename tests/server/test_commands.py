@@ -161,12 +161,25 @@ def test_stop_local_superlink_stops_only_that_superlink(tmp_path: Path, capsys: 
 
     def superlink(name: str) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        command = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-                   "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{free_port()}",
-                   "--database", ":flwr-in-memory:"]
+        command = [
+            console_script("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--control-api-address",
+            f"127.0.0.1:{free_port()}",
+            "--database",
+            ":flwr-in-memory:",
+        ]
         env = {**os.environ, "FLWR_HOME": str(tmp_path / name)}
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_for_port("127.0.0.1", port, timeout=60, process=proc, what=f"SuperLink {name}")
         return proc, port
 

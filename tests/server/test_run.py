@@ -11,9 +11,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedtune.config import RunConfig
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.protocol import PRIVACY_KEY, DeployOptions
-from fedtune.config import RunConfig
 from fedtune.server.quorum import QuorumRounds
 from fedtune.server.run import RoundResult, ServerCallback, ServerRun
 from fedtune.server.strategy import LedgerStrategy
@@ -185,8 +185,14 @@ class OutOfMemoryGrid(ScriptedGrid):
         replies = super()._answer(messages)
         for index, reply in enumerate(replies):
             if reply.has_error():
-                oom = Message(Error(code=0, reason="<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed due to "
-                                                   "the node running low on memory.'>"), reply_to=messages[index])
+                oom = Message(
+                    Error(
+                        code=0,
+                        reason="<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed due to "
+                        "the node running low on memory.'>",
+                    ),
+                    reply_to=messages[index],
+                )
                 replies[index] = oom
         return replies
 
@@ -199,10 +205,14 @@ def _simulation(grid: ScriptedGrid, rounds: int, callbacks: list[ServerCallback]
         PrivacyLedger(None, 1e-5),
     )
     return ServerRun(
-        config=RunConfig(clients=2, rounds=rounds), strategy=strategy, grid=grid,  # type: ignore[arg-type]
-        arrays=START, evaluate=lambda arrays: {"accuracy": float(arrays["w"].numpy().mean())},
+        config=RunConfig(clients=2, rounds=rounds),
+        strategy=strategy,
+        grid=grid,  # type: ignore[arg-type]
+        arrays=START,
+        evaluate=lambda arrays: {"accuracy": float(arrays["w"].numpy().mean())},
         make_row=lambda run, metrics, result: {"round": result.round if result else 0, **metrics},
-        rounds=PlainRounds(timeout=1.0), callbacks=callbacks,
+        rounds=PlainRounds(timeout=1.0),
+        callbacks=callbacks,
     )
 
 

@@ -15,14 +15,31 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--rounds", "4", "--local-steps", "2", "--batch-size", "8", "--max-train-examples", "64",
-        "--max-eval-examples", "64", "--epsilon", "8"]
+ARGS = [
+    "--rounds",
+    "4",
+    "--local-steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-train-examples",
+    "64",
+    "--max-eval-examples",
+    "64",
+    "--epsilon",
+    "8",
+]
 
 
 def _start(command: list[str], glue_dir: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "FEDTUNE_DATA_DIR": str(glue_dir), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *command], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedtune.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 300.0) -> None:

@@ -217,11 +217,18 @@ def test_a_non_private_run_reports_the_steps_its_clients_trained(tmp_path: Path,
 def test_version_and_offline_without_data_fail_fast_and_clearly(tmp_path: Path) -> None:
     version = subprocess.run([sys.executable, "-m", "fedtune.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("fedtune 0.")
-    env = {k: v for k, v in os.environ.items() if k not in ("FEDTUNE_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FEDTUNE_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    }
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: the hub is unreachable
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(tmp_path / "x")],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2 and time.monotonic() - started < 20
     assert "hub cannot be reached" in result.stderr and "--data-dir" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
