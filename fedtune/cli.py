@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from fedtune import __version__
@@ -96,5 +99,29 @@ def _describe(err: BaseException) -> str:
     return str(err)
 
 
+def entry() -> None:
+    """The console script: :func:`main`, and after Ctrl-C no wait for threads that cannot end.
+
+    Flower's simulation engine leaves worker threads blocked on Ray results of a run that was
+    interrupted, and Python would wait for them forever at exit. Everything fedtune writes is
+    atomic and already on disk by then, so the process ends without them.
+    """
+    code = main()
+    if code == 130:
+        _exit_if_threads_linger(code)
+    sys.exit(code)
+
+
+def _exit_if_threads_linger(code: int, grace: float = 3.0) -> None:
+    deadline = time.monotonic() + grace
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in others:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in others):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,6 +1,6 @@
 """``fedtune compare``: run a privacy-utility grid cell by cell, resumable, with tables and plots.
 
-Each cell is an ordinary run (:func:`fedtune.simulation.simulate`) in ``OUT/cells/<cell name>/`` with
+Each cell is an ordinary run (:func:`fedtune.simulations.simulate.simulate`) in ``OUT/cells/<cell name>/`` with
 all of a run's outputs. After every cell the grid's outputs are rewritten atomically:
 
 * ``grid.json``: the grid's settings (``--resume OUT`` reads them back);
@@ -9,13 +9,20 @@ all of a run's outputs. After every cell the grid's outputs are rewritten atomic
 * ``results.md``: the table, averaged over seeds (with the min-max spread when there are several);
 * ``accuracy_vs_epsilon.png`` and ``epsilon_spread.png``.
 
-A cell whose ``summary.json`` exists is finished and never rerun; a cell interrupted mid-way resumes
+A cell whose ``summary.json`` says it finished is never rerun; a cell interrupted mid-way resumes
 from its last checkpoint (its ledgers make sure no privacy is counted twice); a failed cell is
 recorded as failed and retried on resume.
+
+Unless the grid names a Ray cluster (``--ray-address``), all cells run on one private local Ray
+runtime (:func:`fedtune.simulations.ray_runtime.local_ray_cluster`), started before the first cell
+that has to run and stopped after the last, instead of Ray starting and stopping once per cell. Its
+address is temporary: a cell's ``config.json`` is written back without it once the cell ends, so
+``fedtune simulate --resume OUT/cells/<cell name>`` starts Ray of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
-from fedtune.grid import Cell, GridSpec
 from fedtune.io import atomic_write_json, read_json
+from fedtune.simulations.grid import Cell, GridSpec
 
 __all__ = ["run_grid", "cell_row", "Runner"]
 
 log = logging.getLogger(__name__)
 
-#: ``runner(config, resume=...) -> summary``; :func:`fedtune.simulation.simulate` by default.
+#: ``runner(config, resume=...) -> summary``; :func:`fedtune.simulations.simulate.simulate` by default.
 Runner = Callable[..., dict[str, Any]]
 
 
@@ -42,13 +49,20 @@ def _finite_or_inf(value: Any) -> float:
         return math.inf
 
 
-def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, error: str | None = None) -> dict[str, Any]:
+def cell_row(
+    cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, error: str | None = None
+) -> dict[str, Any]:
     """One ``results.csv`` row for a cell from its ``summary.json`` (or its error)."""
-    from fedtune.standalone import local_plan
+    from fedtune.workload import local_plan
 
     row: dict[str, Any] = {
-        "cell": cell.name, "seed": cell.seed, "setting": cell.setting, "partition": cell.partition, "clients": config.clients,
-        "epsilon_target": cell.epsilon, "delta": config.delta,
+        "cell": cell.name,
+        "seed": cell.seed,
+        "setting": cell.setting,
+        "partition": cell.partition,
+        "clients": config.clients,
+        "epsilon_target": cell.epsilon,
+        "delta": config.delta,
     }
     if summary is None:
         return {**row, "status": "failed", "error": error or "unknown error"}
@@ -57,35 +71,45 @@ def cell_row(cell: Cell, config: RunConfig, summary: dict[str, Any] | None, *, e
     rounds_done = max(int(r["round"]) for r in summary["rounds"])
     # expected examples = steps x expected batch min(B, N_k), per client: the ledger's steps for a
     # private run, the planned steps per round x rounds for a non-private one (no ledger)
-    expected = sum((int(c["steps"]) or local_plan(config, int(c["examples"]))[1] * rounds_done) * min(config.batch_size, int(c["examples"]))
-                   for c in clients)
-    row.update({
-        "epsilon_certified": _finite_or_inf(summary.get("composed_epsilon")),
-        "epsilon_estimate": max((_finite_or_inf(c.get("epsilon")) for c in clients), default=math.inf),
-        "metric": metric,
-        "value": float(summary["final_accuracy"]),
-        "accuracy": float(summary.get("final_metrics", {}).get("accuracy", summary["final_accuracy"])),
-        "initial_value": float(summary["rounds"][0][metric]),
-        "rounds_completed": rounds_done,
-        "examples_processed": expected,
-        "seconds": float(summary.get("seconds", math.nan)),
-        "client_epsilons": [_finite_or_inf(c.get("epsilon_certified")) for c in clients],
-        "rejected_updates": len(summary.get("rejected_updates", [])),
-        "status": "stopped early" if summary.get("stopped_early") else "ok",
-        "error": "",
-    })
-    short = [int(r["round"]) for r in summary["rounds"][1:] if int(r.get("clients_trained", config.clients)) < config.clients]
+    expected = sum(
+        (int(c["steps"]) or local_plan(config, int(c["examples"]))[1] * rounds_done)
+        * min(config.batch_size, int(c["examples"]))
+        for c in clients
+    )
+    row.update(
+        {
+            "epsilon_certified": _finite_or_inf(summary.get("composed_epsilon")),
+            "epsilon_estimate": max((_finite_or_inf(c.get("epsilon")) for c in clients), default=math.inf),
+            "metric": metric,
+            "value": float(summary["final_accuracy"]),
+            "accuracy": float(summary.get("final_metrics", {}).get("accuracy", summary["final_accuracy"])),
+            "initial_value": float(summary["rounds"][0][metric]),
+            "rounds_completed": rounds_done,
+            "examples_processed": expected,
+            "seconds": float(summary.get("seconds", math.nan)),
+            "client_epsilons": [_finite_or_inf(c.get("epsilon_certified")) for c in clients],
+            "rejected_updates": len(summary.get("rejected_updates", [])),
+            "status": "stopped early" if summary.get("stopped_early") else "ok",
+            "error": "",
+        }
+    )
+    short = [
+        int(r["round"]) for r in summary["rounds"][1:] if int(r.get("clients_trained", config.clients)) < config.clients
+    ]
     if row["rejected_updates"] or short:
         # e.g. a worker killed by Ray's out-of-memory monitor: the cell did not train what it planned
         row["status"] = "degraded"
-        row["error"] = (f"{row['rejected_updates']} update(s) rejected; fewer than {config.clients} clients trained in round(s) "
-                        f"{', '.join(map(str, short)) or '-'}; see cells/{cell.name}/summary.json (delete the folder and --resume to rerun)")
+        row["error"] = (
+            f"{row['rejected_updates']} update(s) rejected; fewer than {config.clients} clients trained in round(s) "
+            f"{', '.join(map(str, short)) or '-'}; see cells/{cell.name}/summary.json "
+            "(delete the folder and --resume to rerun)"
+        )
     return row
 
 
 def _check_cells(spec: GridSpec, out: Path) -> None:
     """Build and check every distinct cell setup before any training (clear errors, exit 2)."""
-    from fedtune.simulation import check_workload
+    from fedtune.simulations.simulate import check_workload
 
     seen: set[tuple[Any, ...]] = set()
     for cell in spec.cells():
@@ -96,8 +120,15 @@ def _check_cells(spec: GridSpec, out: Path) -> None:
             check_workload(config)
 
 
-def run_grid(spec: GridSpec, out: str | Path, *, resume: bool = False, runner: Runner | None = None,
-             progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_grid(
+    spec: GridSpec,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    runner: Runner | None = None,
+    progress: Callable[[str], None] = print,
+    shared_ray: bool = True,
+) -> list[dict[str, Any]]:
     """Run (or continue) the grid ``spec`` in ``out``; returns the result rows in grid order.
 
     Parameters
@@ -109,20 +140,25 @@ def run_grid(spec: GridSpec, out: str | Path, *, resume: bool = False, runner: R
     resume : bool
         Continue the grid stored in ``out``; finished cells are skipped, not redone.
     runner : callable, optional
-        ``runner(config, resume=bool) -> summary``; default :func:`fedtune.simulation.simulate`.
+        ``runner(config, resume=bool) -> summary``; default :func:`fedtune.simulations.simulate.simulate`.
     progress : callable
         Receives one line per cell.
+    shared_ray : bool
+        When the grid names no Ray cluster (``spec.base.ray_address`` is None), run every cell on one
+        private local Ray runtime, started before the first cell that has to run and stopped at the end
+        (also on an error or Ctrl-C); the runner then receives configs with its ``ray_address``. False:
+        each cell's run starts and stops Ray itself (e.g. for a runner that does not use Ray).
 
     Raises
     ------
     ValueError
         ``out`` already holds a grid and ``resume`` is False; ``resume`` without a grid there, or with
-        different settings; a cell that cannot run (see :func:`fedtune.simulation.check_workload`).
+        different settings; a cell that cannot run (see :func:`fedtune.simulations.simulate.check_workload`).
     """
-    from fedtune.compare_report import write_grid_outputs
+    from fedtune.simulations.compare_report import write_grid_outputs
 
     if runner is None:
-        from fedtune.simulation import simulate as runner  # noqa: N813
+        from fedtune.simulations.simulate import simulate as runner  # noqa: N813
     out = Path(out)
     grid_file = out / "grid.json"
     if grid_file.exists() and not resume:
@@ -137,33 +173,54 @@ def run_grid(spec: GridSpec, out: str | Path, *, resume: bool = False, runner: R
     atomic_write_json(grid_file, spec.to_dict())
     cells = spec.cells()
     rows: dict[str, dict[str, Any]] = {}
-    for index, cell in enumerate(cells, 1):
-        cell_dir = out / "cells" / cell.name
-        config = spec.config(cell, cell_dir)
-        tag = f"[{index}/{len(cells)}] {cell.name}"
-        if (cell_dir / "summary.json").exists():
-            rows[cell.name] = cell_row(cell, config, read_json(cell_dir / "summary.json"))
-            progress(f"{tag}: finished earlier, skipped")
-            continue
-        interrupted = (cell_dir / "checkpoint" / "state.json").exists()
-        progress(f"{tag}: {'resuming from its checkpoint' if interrupted else 'running'} ...")
-        started = time.perf_counter()
-        try:
-            summary = runner(config, resume=interrupted)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # one failed cell must not lose the others' results
-            log.exception("cell %s failed", cell.name)
-            rows[cell.name] = cell_row(cell, config, None, error=f"{type(err).__name__}: {err}")
-            progress(f"{tag}: FAILED after {time.perf_counter() - started:.0f} s: {err}")
-        else:
-            rows[cell.name] = row = cell_row(cell, config, summary)
-            progress(f"{tag}: {row['metric']} {row['value']:.4f}, epsilon certified {_fmt_eps(row['epsilon_certified'])}, "
-                     f"{time.perf_counter() - started:.0f} s")
-        write_grid_outputs(out, spec, [rows[c.name] for c in cells if c.name in rows])
+    with contextlib.ExitStack() as runtime:
+        address = spec.base.ray_address  # None: our own runtime, started when a cell first has to run
+        for index, cell in enumerate(cells, 1):
+            cell_dir = out / "cells" / cell.name
+            config = spec.config(cell, cell_dir)
+            tag = f"[{index}/{len(cells)}] {cell.name}"
+            earlier = read_json(cell_dir / "summary.json") if (cell_dir / "summary.json").exists() else None
+            if earlier is not None and earlier.get("finished", True) and not earlier.get("failed"):
+                rows[cell.name] = cell_row(cell, config, earlier)
+                progress(f"{tag}: finished earlier, skipped")
+                continue
+            if address is None and shared_ray:
+                from fedtune.simulations.ray_runtime import local_ray_cluster
+
+                address = runtime.enter_context(local_ray_cluster())
+            interrupted = (cell_dir / "checkpoint" / "state.json").exists()
+            progress(f"{tag}: {'resuming from its checkpoint' if interrupted else 'running'} ...")
+            started = time.perf_counter()
+            try:
+                summary = runner(config.replace(ray_address=address), resume=interrupted)
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # one failed cell must not lose the others' results
+                log.exception("cell %s failed", cell.name)
+                rows[cell.name] = cell_row(cell, config, None, error=f"{type(err).__name__}: {err}")
+                progress(f"{tag}: FAILED after {time.perf_counter() - started:.0f} s: {err}")
+            else:
+                rows[cell.name] = row = cell_row(cell, config, summary)
+                progress(
+                    f"{tag}: {row['metric']} {row['value']:.4f}, epsilon certified "
+                    f"{_fmt_eps(row['epsilon_certified'])}, {time.perf_counter() - started:.0f} s"
+                )
+            finally:
+                if address is not None and address != spec.base.ray_address:
+                    _forget_address(cell_dir / "config.json", address)
+            write_grid_outputs(out, spec, [rows[c.name] for c in cells if c.name in rows])
     ordered = [rows[c.name] for c in cells]
     write_grid_outputs(out, spec, ordered)
     return ordered
+
+
+def _forget_address(config_file: Path, address: str) -> None:
+    """Write ``config_file`` back without the temporary Ray ``address`` (a later resume starts Ray of its own)."""
+    if not config_file.exists():
+        return
+    stored = read_json(config_file)
+    if stored.get("ray_address") == address:
+        atomic_write_json(config_file, {**stored, "ray_address": None})
 
 
 def _fmt_eps(value: float) -> str:

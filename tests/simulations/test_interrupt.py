@@ -39,6 +39,7 @@ def _start(command: list[str], glue_dir: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
 
 
@@ -56,7 +57,7 @@ def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 300.0
 def _interrupt(process: subprocess.Popen[str]) -> tuple[float, str, list[psutil.Process]]:
     """Send SIGINT; returns the seconds until exit, stderr and the descendants that were running."""
     descendants = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     started = time.monotonic()
     _, err = process.communicate(timeout=60)
     return time.monotonic() - started, err, descendants
@@ -99,3 +100,26 @@ def test_ctrl_c_stops_quickly_keeps_rounds_and_resume_completes(tmp_path: Path, 
     assert summary["finished"] is True and summary["rounds_done"] == 4
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2, 3, 4]
     assert 7.0 < summary["composed_epsilon"] <= 8.0  # the budget is spent over all four rounds, never beyond
+
+
+def test_ctrl_c_stops_a_compare_grid_and_its_ray_runtime(tmp_path: Path, glue_dir: Path) -> None:
+    out = tmp_path / "grid"
+    command = [
+        "compare",
+        "--clients",
+        "2",
+        "--epsilons",
+        "8",
+        "--partitions",
+        "iid",
+        "--no-centralized",
+        *ARGS[:-2],
+        "--out",
+        str(out),
+    ]  # ARGS without --epsilon
+    process = _start(command, glue_dir)
+    _wait_for(out / "cells" / "federated-iid-eps8-seed0" / "checkpoint" / "state.json", process)
+    seconds, err, descendants = _interrupt(process)
+    assert process.returncode == 130 and seconds < 15, f"exit {process.returncode} after {seconds:.1f} s"
+    assert "Traceback" not in err and err.count("fedtune: interrupted") == 1 and f"--resume {out}" in err
+    assert not _still_running(descendants), "Ray processes outlived the grid"
