@@ -158,7 +158,9 @@ def run_grid(
     from fedtune.simulations.compare_report import write_grid_outputs
 
     if runner is None:
-        from fedtune.simulations.simulate import simulate as runner  # noqa: N813
+        from fedtune.simulations.simulate import simulate
+
+        runner = simulate
     out = Path(out)
     grid_file = out / "grid.json"
     if grid_file.exists() and not resume:
