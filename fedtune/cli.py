@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedtune: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up message
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the message short
         out = getattr(args, "out", None) if not getattr(args, "resume", None) else args.resume
         hint = (
             f"; finished rounds are kept: `fedtune {args.command} --resume {out}` continues"
@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else ""
         )
         print(f"fedtune: interrupted{hint}", file=sys.stderr)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # in-process callers get their handler back
         return 130
 
 

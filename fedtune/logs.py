@@ -55,7 +55,6 @@ def setup_cli_logging(verbose: bool = False) -> None:
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     # Flower installs its own handler on the "flwr" logger at import time; keep it at ERROR as well.
-    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

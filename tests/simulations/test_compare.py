@@ -113,6 +113,10 @@ def test_grid_writes_every_output(grid: tuple[Path, list[str], subprocess.Comple
         assert (out / "cells" / name / "summary.json").exists() and (
             out / "cells" / name / "adapter" / "adapter_config.json"
         ).exists()
+        cell_summary = json.loads((out / "cells" / name / "summary.json").read_text())
+        for client in cell_summary["clients"]:  # q, sigma and the steps each client trained, DP or not
+            assert client["steps"] >= 2 and client["sampling_rate"] > 0
+            assert (client["noise_multiplier"] == 0.0) == name.endswith("epsinf-seed5")
         # same compute in every cell: 2 clients x 2 steps x 8 = centralized 4 steps x 8
         assert int(row["examples_processed"]) == 32
     for setting in ("centralized", "federated-iid"):

@@ -40,6 +40,7 @@ def _start(command: list[str], glue_dir: Path) -> subprocess.Popen[str]:
         text=True,
         env=env,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a terminal job takes Ctrl-C
     )
 
 

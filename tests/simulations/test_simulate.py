@@ -203,17 +203,6 @@ def test_bad_input_is_refused_before_training(
     assert not (tmp_path / "x" / "checkpoint").exists()
 
 
-def test_a_non_private_run_reports_the_steps_its_clients_trained(tmp_path: Path, glue_dir: Path) -> None:
-    out = tmp_path / "plain"
-    args = list(ARGS)
-    args[args.index("--epsilon") + 1], args[args.index("--rounds") + 1] = "inf", "1"
-    fedtune("simulate", *args, "--out", str(out), data=glue_dir)
-    summary = json.loads((out / "summary.json").read_text())
-    assert math.isinf(float(summary["composed_epsilon"]))
-    for client in summary["clients"]:
-        assert client["steps"] == 3 and client["noise_multiplier"] == 0.0 and client["examples"] == 80
-
-
 def test_version_and_offline_without_data_fail_fast_and_clearly(tmp_path: Path) -> None:
     version = subprocess.run([sys.executable, "-m", "fedtune.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("fedtune 0.")
