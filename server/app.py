@@ -109,6 +109,16 @@ class RunReport(ServerCallback):
     eval_model: Any
     deployment: DeployOptions | None = None
     summary: dict[str, Any] | None = None
+    _fixed: dict[str, Any] | None = None  # what does not change between rounds, computed once
+
+    def _fixed_parts(self) -> dict[str, Any]:
+        if self._fixed is None:
+            shards = self.workload.shards
+            self._fixed = {
+                "majority": majority_rate(self.workload.data.eval),
+                "shards": _describe(shards) if shards else [],
+            }
+        return self._fixed
 
     def on_round_end(self, run: ServerRun, row: dict[str, Any], result: RoundResult | None) -> None:
         self._write(run, finished=False)
@@ -161,14 +171,13 @@ class RunReport(ServerCallback):
                 else "--dp-randomness seeded: DP noise and sampling derive from --seed (repeatable; the guarantee does "
                 "not hold against anyone who knows the seed: for experiments only)"
             )
-        shards = self.workload.shards
         summary: dict[str, Any] = {
             "schema": SUMMARY_SCHEMA,
             "task": config.task,
             "metric": self.metric,
             "final_accuracy": rows[-1][self.metric],
             "final_metrics": {k: v for k, v in rows[-1].items() if k != "round"},
-            "majority_class_rate": majority_rate(self.workload.data.eval),
+            "majority_class_rate": self._fixed_parts()["majority"],
             "rounds": rows,
             "clients": self._clients(run),
             "composed_epsilon": composed,
@@ -181,7 +190,7 @@ class RunReport(ServerCallback):
             "partition": {
                 "scheme": config.partition,
                 "alpha": config.alpha,
-                "shards": _describe(shards) if shards else [],
+                "shards": self._fixed_parts()["shards"],
             },
             "notes": notes,
             "seconds": run.seconds,
