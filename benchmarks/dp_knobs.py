@@ -21,6 +21,7 @@ import datetime as dt
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -38,7 +39,25 @@ KNOBS = {
     "epochs": "--local-epochs",
     "targets": "--lora-targets",
     "eps": "--epsilon",
+    "opt": "--optimizer",
+    "mom": "--momentum",
+    "wd": "--weight-decay",
+    "sched": "--lr-schedule",
+    "warm": "--warmup-fraction",
+    "steps": "--local-steps",
+    "prec": "--precision",
+    "sopt": "--server-optimizer",
+    "slr": "--server-learning-rate",
+    "smom": "--server-momentum",
+    "clients": "--clients",
+    "part": "--partition",
+    "seed": "--seed",
+    # on/off switches: NAME=1 or NAME=0
+    "stateful": "--stateful-clients",
+    "ffa": "--ffa-lora",
 }
+FLAGS = {"stateful", "ffa"}
+FEDERATED_ONLY = {"sopt", "slr", "smom", "clients", "part"}
 
 
 def parse_knobs(text: str) -> dict[str, str]:
@@ -48,8 +67,24 @@ def parse_knobs(text: str) -> dict[str, str]:
         name, sep, value = item.partition("=")
         if not sep or name not in KNOBS:
             raise SystemExit(f"bad knob {item!r}: use NAME=VALUE with NAME in {', '.join(KNOBS)}")
+        if name in FLAGS and value not in ("0", "1"):
+            raise SystemExit(f"bad knob {item!r}: {name} is a switch, use {name}=1 or {name}=0")
         knobs[name] = value
     return knobs
+
+
+def knob_args(knobs: dict[str, str], federated: bool) -> list[str]:
+    """Command-line options for ``knobs`` (switches become --X / --no-X)."""
+    out: list[str] = []
+    for key, value in knobs.items():
+        if key in FEDERATED_ONLY and not federated:
+            raise SystemExit(f"knob {key} only applies to federated runs (--federated)")
+        if key in FLAGS:
+            flag = KNOBS[key]
+            out.append(flag if value == "1" else "--no-" + flag[2:])
+        else:
+            out += [KNOBS[key], value]
+    return out
 
 
 def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -71,21 +106,23 @@ def run(knobs: dict[str, str], args: argparse.Namespace, work: Path) -> dict[str
         args.delta,
         "--rounds",
         str(args.rounds),
-        "--seed",
-        str(args.seed),
         "--max-train-examples",
-        str(args.max_train_examples),
+        str(args.max_train_examples) if args.max_train_examples else "none",
         "--out",
         str(out),
     ]
+    if "seed" not in knobs:
+        cmd += ["--seed", str(args.seed)]
     if args.max_eval_examples:
         cmd += ["--max-eval-examples", str(args.max_eval_examples)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if args.federated:
-        cmd += ["--clients", str(args.clients), "--partition", args.partition]
-    for key, value in knobs.items():
-        cmd += [KNOBS[key], value]
+        if "clients" not in knobs:
+            cmd += ["--clients", str(args.clients)]
+        if "part" not in knobs:
+            cmd += ["--partition", args.partition]
+    cmd += [*shlex.split(args.extra), *knob_args(knobs, args.federated)]
     if not summary_path.exists():
         resume = (out / "checkpoint" / "state.json").exists()
         if resume:
@@ -125,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", default="1e-5")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train-examples", type=int, default=3000)
+    p.add_argument("--max-train-examples", type=int, default=3000, help="0 = the whole training set")
+    p.add_argument("--extra", default="", help='more fedtune options for every run, e.g. "--batch-size 1024"')
     p.add_argument("--max-eval-examples", type=int, default=0, help="0 = the whole dev set")
     p.add_argument("--data-dir", default=os.environ.get("FEDTUNE_DATA_DIR"))
     p.add_argument("--federated", action="store_true", help="run fedtune simulate instead of centralized")
@@ -136,7 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = [parse_knobs(k) for k in args.knobs]
     work = Path(args.work)
-    rows = [run(k, args, work) for k in settings]
+    rows: list[dict[str, Any]] = []
+    for knobs in settings:
+        rows.append(run(knobs, args, work))
+        write_tables(rows, settings, args, argv)
+    return 0
+
+
+def write_tables(
+    rows: list[dict[str, Any]], settings: list[dict[str, str]], args: argparse.Namespace, argv: list[str] | None
+) -> None:
+    """Write the rows so far (each finished run lands on disk before the next starts)."""
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -177,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             + " |"
         )
     (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

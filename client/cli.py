@@ -85,7 +85,9 @@ def _add_client(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--client-id", default=None, help="stable name in both ledgers (default: the data folder's name)")
     p.add_argument(
-        "--state-dir", default=None, help="folder for the client's ledger and stored updates (default DATA/state)"
+        "--state-dir",
+        default=None,
+        help="folder for the client's ledger, stored updates and optimizer state (default DATA/state)",
     )
     p.add_argument(
         "--root-certificates",

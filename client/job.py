@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from flwr.app import ArrayRecord, Message
 
+from fedtune.client.optimizer_state import OptimizerStateStore
 from fedtune.client.privacy import ClientPrivacy, Plan
 from fedtune.config import RunConfig
 from fedtune.privacy.events import SubsampledGaussianEvent
@@ -40,7 +41,7 @@ from fedtune.protocol import (
 )
 from fedtune.workload import get_workload
 
-__all__ = ["ClientJob", "run_job", "train_round", "client_state_dir"]
+__all__ = ["ClientJob", "run_job", "train_round", "client_state_dir", "optimizer_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,34 @@ def train_round(message: Message, config: RunConfig, partition_id: int, state_di
     return run_job(message, config, job)
 
 
+def optimizer_settings(config: RunConfig, steps: int, server_round: int) -> dict[str, Any]:
+    """TrainConfig's optimizer, schedule and engine settings for round ``server_round`` of ``config``.
+
+    The schedule spans the client's whole plan, ``rounds * steps`` steps; round ``r`` runs plan
+    steps ``(r - 1) * steps + 1 .. r * steps``, and the warm-up is ``warmup_fraction`` of the plan.
+    """
+    plan = config.rounds * steps
+    return {
+        "learning_rate": config.learning_rate,
+        "optimizer": config.optimizer,
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+        "lr_schedule": config.lr_schedule,
+        "warmup_steps": int(config.warmup_fraction * plan),
+        "plan_steps": plan,
+        "plan_offset": (min(server_round, config.rounds) - 1) * steps,
+        "max_grad_norm": config.max_grad_norm,
+        "physical_batch_size": config.physical_batch_size,
+        "precision": config.precision,
+        "dp_randomness": config.dp_randomness,
+    }
+
+
 def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     """Train one round for ``job``: privacy plan, refusal or re-send, DP-SGD, record, reply."""
     from fedtune.model import pick_device, set_trainable_state
     from fedtune.progress import TrainingProgress
-    from fedtune.train import TrainConfig, train_local
+    from fedtune.train import OptimizerStateError, TrainConfig, train_local
 
     server_round = int(cast(int, message.content[CONFIG_KEY][SERVER_ROUND_KEY]))
     client_id, guard = job.client_id, job.guard
@@ -160,6 +184,13 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         if not verdict.allowed:
             return refuse(verdict.reason, sigma)
         epsilon_before, epsilon_after = guard.ledger.certified_epsilon(client_id), verdict.epsilon_after
+    store = OptimizerStateStore(guard.state_dir) if config.stateful_clients else None
+    try:
+        previous = store.load(before_round=server_round) if store is not None else None
+    except ValueError as err:  # a damaged state file: refuse with the reason rather than crash or drop it silently
+        return refuse(f"cannot continue the client's optimizer state: {err}; remove the file to start afresh", sigma)
+    if previous is not None:
+        log.debug("client %s continues its optimizer state of round %d", client_id, previous[0])
     model = job.new_model()
     try:
         set_trainable_state(model, to_state(cast(ArrayRecord, message.content[ARRAYS_KEY])))
@@ -168,21 +199,31 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     train_config = TrainConfig(
         batch_size=min(config.batch_size, examples),
         steps=steps,
-        learning_rate=config.learning_rate,
-        max_grad_norm=config.max_grad_norm,
-        noise_multiplier=sigma,
         seed=config.seed * 100_003 + server_round * 1009 + job.seed_index,
-        physical_batch_size=config.physical_batch_size,
-        precision=config.precision,  # type: ignore[arg-type]
-        dp_randomness=config.dp_randomness,  # type: ignore[arg-type]
         log_every=max(1, steps // 100),
+        noise_multiplier=sigma,
+        **optimizer_settings(config, steps, server_round),
     )
-    with TrainingProgress(
-        f"client {client_id} round {server_round}", steps, epsilon_before=epsilon_before, epsilon_after=epsilon_after
-    ) as progress:
-        result = train_local(
-            model, job.shard, job.collator, train_config, pick_device(), progress=progress, in_place=True
-        )
+    try:
+        with TrainingProgress(
+            f"client {client_id} round {server_round}",
+            steps,
+            epsilon_before=epsilon_before,
+            epsilon_after=epsilon_after,
+        ) as progress:
+            result = train_local(
+                model,
+                job.shard,
+                job.collator,
+                train_config,
+                pick_device(),
+                progress=progress,
+                in_place=True,
+                optimizer_state=previous[1] if previous is not None else None,
+            )
+    except OptimizerStateError as err:  # raised before the first step: nothing trained, nothing spent
+        path = guard.state_dir / "optimizer.pt"
+        return refuse(f"the optimizer state in {path} does not fit this run: {err}; remove it to start afresh", sigma)
     update = {k: v.detach().cpu().numpy() for k, v in result.state.items()}
     reply = replace(base, noise_multiplier=sigma if sigma is not None else 0.0)
     if guard.private:
@@ -199,6 +240,10 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         )
     else:
         reply = replace(reply, steps=result.steps)
+    # Only after the spend is recorded: the state carries this round's privatized gradients into
+    # later updates, so it must never outlive a crash that leaves the round unrecorded (and trained again).
+    if store is not None and result.optimizer_state is not None:
+        store.save(server_round, result.optimizer_state)
     metrics = {
         "train-loss": float(result.mean_loss),
         "seconds": float(result.seconds),

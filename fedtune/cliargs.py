@@ -10,7 +10,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
-from fedtune.config import RunConfig
+from fedtune.config import OPTIMIZERS, SCHEDULES, SERVER_OPTIMIZERS, RunConfig
 from fedtune.io import read_json
 
 __all__ = ["epsilon_arg", "optional_int_arg", "add_run_options", "config_from_args", "run_dir"]
@@ -128,7 +128,13 @@ def add_run_options(
             help="record-level epsilon budget per client over all rounds; 'inf' = no DP",
         )
     parser.add_argument("--delta", type=float, default=d.delta, help=f"delta (default {d.delta:g})")
-    parser.add_argument("--local-epochs", type=float, default=d.local_epochs, help="local epochs per round (default 1)")
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=d.epochs,
+        help=f"passes over each client's data in the whole run, spread over the rounds (default {d.epochs:g})",
+    )
+    parser.add_argument("--local-epochs", type=float, default=None, help="local epochs per round (overrides --epochs)")
     parser.add_argument(
         "--local-steps", type=int, default=None, help="local optimizer steps per round (overrides --local-epochs)"
     )
@@ -162,6 +168,55 @@ def add_run_options(
         default=d.learning_rate,
         help=f"learning rate (default {d.learning_rate})",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help=f"client optimizer: sgd (with --momentum), adamw, or adambc = DP-AdamBC (default {d.optimizer})",
+    )
+    parser.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum:g})")
+    parser.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help=f"weight decay (default {d.weight_decay:g})"
+    )
+    parser.add_argument(
+        "--stateful-clients",
+        action=argparse.BooleanOptionalAction,
+        default=d.stateful_clients,
+        help="each client keeps its optimizer state (momentum, Adam moments) across rounds, on the client "
+        f"(default {'on' if d.stateful_clients else 'off'})",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        default=d.lr_schedule,
+        help=f"learning rate over the whole plan, after the warm-up (default {d.lr_schedule})",
+    )
+    parser.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=d.warmup_fraction,
+        help=f"share of the plan's steps in linear warm-up, in [0, 1) (default {d.warmup_fraction:g})",
+    )
+    if federated:
+        parser.add_argument(
+            "--server-optimizer",
+            choices=SERVER_OPTIMIZERS,
+            default=d.server_optimizer,
+            help=f"Flower strategy that applies the averaged update (default {d.server_optimizer})",
+        )
+        parser.add_argument(
+            "--server-learning-rate",
+            "--server-lr",
+            type=float,
+            default=d.server_learning_rate,
+            help=f"server learning rate (FedAvgM, FedAdam/FedYogi eta) (default {d.server_learning_rate:g})",
+        )
+        parser.add_argument(
+            "--server-momentum",
+            type=float,
+            default=d.server_momentum,
+            help=f"FedAvgM momentum / FedAdam, FedYogi beta_1 (default {d.server_momentum:g})",
+        )
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
     parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
     parser.add_argument(
@@ -169,6 +224,13 @@ def add_run_options(
     )
     parser.add_argument(
         "--lora-targets", default="", help="comma-separated LoRA target modules (default: per architecture)"
+    )
+    parser.add_argument(
+        "--ffa-lora",
+        action=argparse.BooleanOptionalAction,
+        default=d.ffa_lora,
+        help="FFA-LoRA: freeze LoRA A at its shared random init, train only B and the head "
+        f"(default {'on' if d.ffa_lora else 'off'})",
     )
     if not deployed:
         parser.add_argument(

@@ -19,7 +19,7 @@ from typing import Any
 from fedtune.privacy.accountants import get_accountant
 from fedtune.privacy.events import check_delta, check_epsilon
 
-__all__ = ["RunConfig"]
+__all__ = ["OPTIMIZERS", "RunConfig", "SCHEDULES", "SERVER_OPTIMIZERS"]
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -39,6 +39,35 @@ def _positive_float(name: str, value: object, *, allow_inf: bool = False) -> flo
         allowed = "(0, inf]" if allow_inf else "(0, inf)"
         raise ValueError(f"{name} must be in {allowed}, got {value!r}")
     return float(value)
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _unit_interval(name: str, value: object) -> None:
+    """A number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _non_negative(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _boolean(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+
+
+#: Client optimizers (:func:`fedtune.optim.make_optimizer`).
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adambc")
+#: Learning-rate schedules over the whole plan (:func:`fedtune.optim.scheduled_lr`).
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+#: Server optimizers: Flower's strategies of the same name (``flwr.serverapp.strategy``).
+SERVER_OPTIMIZERS: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
 @dataclass(frozen=True)
@@ -67,8 +96,14 @@ class RunConfig:
         ``dirichlet`` only: every client gets at least this many examples (flwr-datasets'
         ``min_partition_size``; the partition is redrawn until it holds). A private run needs every
         shard to hold at least ``batch_size`` examples (q = B / N <= 1).
-    local_epochs : float
-        Local epochs per round (steps = ceil(epochs * shard / batch)); ignored if ``local_steps``.
+    epochs : float
+        Passes over each client's data in the whole run (default 1): with neither
+        ``local_epochs`` nor ``local_steps`` set, each round takes
+        ``ceil(epochs * shard / (batch * rounds))`` steps, so ``rounds`` only decides how often the
+        server averages, not how much is trained.
+    local_epochs : float or None
+        Local epochs per round (steps = ceil(local_epochs * shard / batch)); overrides ``epochs``,
+        ignored if ``local_steps``.
     local_steps : int or None
         Optimizer steps per round.
     batch_size : int
@@ -83,8 +118,32 @@ class RunConfig:
     max_grad_norm : float
         Per-example clipping norm C.
     learning_rate : float
-        Optimizer learning rate.
+        Client (and centralized) optimizer learning rate: the peak of ``lr_schedule``.
+    optimizer : str
+        Client optimizer: ``sgd`` (with ``momentum``), ``adamw``, or ``adambc`` (DP-AdamBC:
+        Adam with the DP noise variance removed from its second moment, arXiv 2312.14334).
+    momentum : float
+        SGD momentum in [0, 1).
+    weight_decay : float
+        Decoupled (AdamW, DP-AdamBC) or L2 (SGD) weight decay, >= 0.
+    stateful_clients : bool
+        Each client keeps its optimizer state (momentum, Adam moments) across rounds, on the
+        client (its state folder); False = a fresh optimizer every round.
+    lr_schedule : str
+        ``constant``, ``linear`` or ``cosine`` decay over the whole plan (all rounds).
+    warmup_fraction : float
+        Share of the plan's steps spent in linear warm-up, in [0, 1).
+    server_optimizer : str
+        ``fedavg``, ``fedavgm``, ``fedadam`` or ``fedyogi`` (Flower's strategies, Reddi et al.
+        2021 for the adaptive ones); ignored by a centralized run.
+    server_learning_rate : float
+        Server learning rate (FedAvgM's ``server_learning_rate``, FedAdam/FedYogi's ``eta``).
+    server_momentum : float
+        FedAvgM's momentum, FedAdam/FedYogi's ``beta_1``, in [0, 1).
     lora_rank, lora_alpha, lora_dropout, lora_targets : LoRA settings (targets: comma-separated or "").
+    ffa_lora : bool
+        FFA-LoRA: LoRA ``A`` frozen at its shared seeded init, only ``B`` and the head train
+        (arXiv 2403.12313).
     max_train_examples, max_eval_examples : int or None
         Seeded subsets (for quick runs and tests).
     max_length : int
@@ -116,17 +175,28 @@ class RunConfig:
     partition: str = "iid"
     alpha: float = 0.5
     min_shard_size: int = 1
-    local_epochs: float = 1.0
+    epochs: float = 1.0
+    local_epochs: float | None = None
     local_steps: int | None = None
     batch_size: int = 32
     physical_batch_size: int | None = None
     precision: str = "fp32"
     max_grad_norm: float = 1.0
     learning_rate: float = 2e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    stateful_clients: bool = False
+    lr_schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = ""
+    ffa_lora: bool = False
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     max_length: int = 128
@@ -150,7 +220,9 @@ class RunConfig:
         parse_partition_spec(self.partition)
         _positive_float("alpha", self.alpha)
         _positive_int("min_shard_size", self.min_shard_size)
-        _positive_float("local_epochs", self.local_epochs)
+        _positive_float("epochs", self.epochs)
+        if self.local_epochs is not None:
+            _positive_float("local_epochs", self.local_epochs)
         if self.local_steps is not None:
             _positive_int("local_steps", self.local_steps)
         _positive_int("batch_size", self.batch_size)
@@ -160,6 +232,16 @@ class RunConfig:
             raise ValueError(f"precision must be one of fp32, bf16, got {self.precision!r}")
         _positive_float("max_grad_norm", self.max_grad_norm)
         _positive_float("learning_rate", self.learning_rate)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _unit_interval("momentum", self.momentum)
+        _non_negative("weight_decay", self.weight_decay)
+        _boolean("stateful_clients", self.stateful_clients)
+        _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
+        _unit_interval("warmup_fraction", self.warmup_fraction)
+        _one_of("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _positive_float("server_learning_rate", self.server_learning_rate)
+        _unit_interval("server_momentum", self.server_momentum)
+        _boolean("ffa_lora", self.ffa_lora)
         _positive_int("lora_rank", self.lora_rank)
         _positive_float("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -229,6 +311,7 @@ class RunConfig:
             "model",
             "data_dir",
             "local_steps",
+            "local_epochs",
             "max_train_examples",
             "max_eval_examples",
             "ray_address",
@@ -244,11 +327,17 @@ class RunConfig:
             "lora_alpha",
             "alpha",
             "local_epochs",
+            "epochs",
             "max_grad_norm",
             "learning_rate",
             "delta",
             "cpus_per_client",
             "gpus_per_client",
+            "momentum",
+            "weight_decay",
+            "warmup_fraction",
+            "server_learning_rate",
+            "server_momentum",
         ):
             if isinstance(data.get(name), int) and not isinstance(data.get(name), bool):
                 data[name] = float(data[name])

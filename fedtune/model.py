@@ -301,7 +301,7 @@ def _first_line(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters.
+    r"""LoRA hyper-parameters.
 
     Parameters
     ----------
@@ -321,6 +321,13 @@ class LoraSettings:
         Modules trained in full and exchanged with the adapter. ``None`` uses the
         per-architecture defaults (:func:`default_modules_to_save`): the newly
         initialized classification head layers.
+    ffa : bool
+        FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR
+        2024, arXiv 2403.12313): every ``A`` stays frozen at its seeded random init, shared by
+        all clients (same seed, same ``A``), and only ``B`` and the head train. The update
+        :math:`\Delta W = \frac{\alpha}{r} B A` is then linear in what is trained, so averaging
+        the clients' ``B`` averages their :math:`\Delta W` exactly, and DP noise on ``B`` is
+        not multiplied by a noisy ``A``; it also halves the adapter's trainable parameters.
     """
 
     rank: int = 8
@@ -328,6 +335,7 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
+    ffa: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 1024:
@@ -336,6 +344,8 @@ class LoraSettings:
             raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.ffa, bool):
+            raise TypeError(f"LoRA ffa must be True or False, got {self.ffa!r}")
         for field_name in ("target_modules", "modules_to_save"):
             value = getattr(self, field_name)
             if value is None:
@@ -444,9 +454,14 @@ def build_peft_model(base_model: nn.Module, lora: LoraSettings, *, seed: int = 0
                 f"{_model_type(base_model) or type(base_model).__name__!r}: {_first_line(exc)}; "
                 f"linear modules are: {', '.join(_linear_leaf_names(base_model))}"
             ) from None
+    if lora.ffa:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
-        "LoRA r=%d alpha=%g on %s, training %s in full: %d trainable parameters",
+        "%s r=%d alpha=%g on %s, training %s in full: %d trainable parameters",
+        "FFA-LoRA (A frozen)" if lora.ffa else "LoRA",
         lora.rank,
         lora.alpha,
         list(targets),

@@ -68,6 +68,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedtune.batching import MicroBatch, PackedDataset, auto_physical_batch_size, pack_dataset
 from fedtune.model import _unwrap, get_trainable_state
+from fedtune.optim import OPTIMIZERS as _OPTIMIZERS
+from fedtune.optim import SCHEDULES as _SCHEDULES
+from fedtune.optim import OptimizerName, ScheduleName, set_lr
 
 __all__ = [
     "PRECISIONS",
@@ -84,6 +87,8 @@ __all__ = [
     "dp_logical_step",
     "dp_step",
     "make_optimizer",
+    "OptimizerStateError",
+    "load_optimizer_state",
     "plain_logical_step",
     "plain_step",
     "poisson_batches",
@@ -97,8 +102,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OptimizerName = Literal["adamw", "sgd"]
-_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 DPRandomness = Literal["secret", "seeded"]
 _DP_RANDOMNESS: tuple[str, ...] = ("secret", "seeded")
 Precision = Literal["fp32", "bf16"]
@@ -152,11 +155,13 @@ class TrainConfig:
         ``sigma`` (>= 0): noise std is ``sigma * C`` on the clipped sum. ``None`` selects
         the non-private mode: no clipping, no noise, no per-sample gradients. ``0.0`` clips
         without noise (no privacy; useful to isolate clipping).
-    optimizer : {"adamw", "sgd"}
+    optimizer : {"adamw", "sgd", "adambc"}
         Default ``"adamw"``: LoRA ``A``/``B`` and the head have very different gradient
         scales, and under DP the clipped-and-noised gradient's scale depends on ``C`` and
         ``B``; Adam's per-coordinate normalization makes one learning rate work for all of
-        them. Adam only post-processes the privatized gradient, so privacy is unaffected.
+        them. ``"adambc"`` is DP-AdamBC (:class:`fedtune.optim.DPAdamBC`): Adam with the DP
+        noise variance ``(sigma C / B)^2`` subtracted from its second moment (AdamW when
+        not private). All only post-process the privatized gradient: privacy is unaffected.
     weight_decay : float
         Decoupled (AdamW) or L2 (SGD) weight decay, >= 0. Default 0: the adapter starts at
         zero and local runs are short.
@@ -185,6 +190,16 @@ class TrainConfig:
         ``"bf16"`` runs forward and backward under bfloat16 autocast (CPUs with AVX512-BF16 or
         AMX, recent GPUs); the weights, the optimizer, clipping and noise stay float32. A
         ValueError names the device if it lacks bf16 support.
+    lr_schedule : {"constant", "linear", "cosine"}
+        Learning rate over the whole plan (:func:`fedtune.optim.scheduled_lr`).
+    warmup_steps : int
+        Linear warm-up steps at the start of the plan (>= 0, < ``plan_steps``).
+    plan_steps : int or None
+        Steps of the whole plan the schedule spans (a federated client: all its rounds);
+        None = ``steps``.
+    plan_offset : int
+        Plan steps taken before this call (a client's earlier rounds), >= 0; this call runs
+        plan steps ``plan_offset + 1 .. plan_offset + steps``.
     """
 
     batch_size: int = 32
@@ -200,6 +215,10 @@ class TrainConfig:
     log_every: int = 10
     physical_batch_size: int | None = None
     precision: Precision = "fp32"
+    lr_schedule: ScheduleName = "constant"
+    warmup_steps: int = 0
+    plan_steps: int | None = None
+    plan_offset: int = 0
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -221,6 +240,37 @@ class TrainConfig:
             _check_int("physical_batch_size", self.physical_batch_size, 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.lr_schedule not in _SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(_SCHEDULES)}, got {self.lr_schedule!r}")
+        _check_int("plan_offset", self.plan_offset, 0)
+        if self.plan_steps is not None:
+            _check_int("plan_steps", self.plan_steps, 1)
+            if self.plan_offset + self.steps > self.plan_steps:
+                raise ValueError(
+                    f"plan_offset + steps = {self.plan_offset + self.steps} exceeds plan_steps = {self.plan_steps}"
+                )
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps >= self.total_plan_steps:
+            raise ValueError(
+                f"warmup_steps must be < the plan's {self.total_plan_steps} steps, got {self.warmup_steps!r}"
+            )
+
+    @property
+    def total_plan_steps(self) -> int:
+        """Steps the learning-rate schedule spans (``plan_steps``, else ``steps``)."""
+        return self.plan_steps if self.plan_steps is not None else self.plan_offset + self.steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of this run's ``step`` (1-based) under the plan's schedule."""
+        from fedtune.optim import scheduled_lr
+
+        return scheduled_lr(
+            self.learning_rate,
+            self.plan_offset + step,
+            self.total_plan_steps,
+            schedule=self.lr_schedule,
+            warmup=self.warmup_steps,
+        )
 
     @property
     def private(self) -> bool:
@@ -261,6 +311,9 @@ class TrainResult:
         The micro-batch size used.
     precision : str
         ``"fp32"`` or ``"bf16"``.
+    optimizer_state : dict or None
+        The optimizer's ``state_dict()`` after the last step (CPU tensors), for a stateful
+        client to pass back as ``train_local(..., optimizer_state=...)`` next round.
     """
 
     state: dict[str, torch.Tensor]
@@ -277,6 +330,7 @@ class TrainResult:
     computed_tokens: int = 0
     physical_batch_size: int = 0
     precision: str = "fp32"
+    optimizer_state: dict[str, Any] | None = None
 
     @property
     def padding_efficiency(self) -> float:
@@ -397,10 +451,104 @@ def poisson_loader(
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """The (non-private) optimizer named by ``config.optimizer``."""
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
+    """The optimizer named by ``config.optimizer`` (:func:`fedtune.optim.make_optimizer`); Opacus wraps it.
+
+    DP-AdamBC gets the noise variance per coordinate of the averaged gradient,
+    ``(sigma C / B)^2`` (0 when not private).
+    """
+    from fedtune.optim import make_optimizer as build
+
+    sigma = config.noise_multiplier
+    phi = 0.0 if sigma is None else (sigma * config.max_grad_norm / config.batch_size) ** 2
+    return build(
+        params,
+        config.optimizer,
+        config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        noise_variance=phi,
+    )
+
+
+def _optimizer_state_to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    def cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: cpu(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cpu(v) for v in value]
+        return value
+
+    return cast(dict[str, Any], cpu(state))
+
+
+class OptimizerStateError(ValueError):
+    """A saved optimizer state that does not fit this run (:func:`load_optimizer_state`)."""
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], config: TrainConfig) -> None:
+    """Load a stateful client's saved optimizer state, keeping this run's hyper-parameters.
+
+    Only the per-parameter state (momentum, Adam moments, step counts) is carried over; the
+    learning rate, momentum factor, noise variance etc. are this run's. A ValueError names the
+    mismatch (an :class:`OptimizerStateError`) if the state belongs to another optimizer or another
+    set of parameters.
+    """
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    per_param = state.get("state") if isinstance(state, Mapping) else None
+    if (
+        not isinstance(groups, list)
+        or not all(isinstance(g, Mapping) for g in groups)
+        or not isinstance(per_param, Mapping)
+    ):
+        raise OptimizerStateError("the saved optimizer state is not a torch optimizer state_dict")
+    kind = state.get("fedtune_optimizer")
+    if kind is not None and kind != config.optimizer:
+        raise OptimizerStateError(
+            f"the saved optimizer state is {kind!r}, this run's optimizer is {config.optimizer!r}"
+        )
+    saved = [len(g.get("params", [])) for g in groups]
+    current = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != current:
+        raise OptimizerStateError(
+            f"the saved optimizer state has parameter groups of sizes {saved}, this model's are {current}; "
+            "it belongs to another model or another LoRA configuration"
+        )
+    # torch's load_state_dict matches parameters by position only: check every saved tensor's
+    # shape, or a state of another LoRA rank (same parameter count) would load and fail mid-step.
+    fresh = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for g in groups for i in g.get("params", [])]
+    for position, saved_id in enumerate(saved_ids):
+        entry = per_param.get(saved_id)
+        if entry is None:
+            continue
+        if not isinstance(entry, Mapping):
+            raise OptimizerStateError(
+                f"the saved optimizer state of parameter {position} is a {type(entry).__name__}, not a mapping"
+            )
+        param = params[position]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise OptimizerStateError(
+                    f"the saved optimizer state's {key!r} of parameter {position} has shape {tuple(value.shape)}, "
+                    f"this model's parameter has shape {tuple(param.shape)}; it belongs to another model or "
+                    "another LoRA configuration"
+                )
+    unknown = sorted(set(per_param) - set(saved_ids), key=str)
+    if unknown:
+        raise OptimizerStateError(f"the saved optimizer state has state for unknown parameter ids {unknown}")
+    # torch maps the state's ids through the groups loaded with it: renumber to this optimizer's ids.
+    # Copy the tensors: torch keeps them as they are (same dtype and device) and steps them in place,
+    # which would silently advance the caller's saved state too.
+    fresh_ids = [i for g in fresh["param_groups"] for i in g["params"]]
+    remapped = {
+        new: _optimizer_state_to_cpu(dict(per_param[old]))
+        for old, new in zip(saved_ids, fresh_ids, strict=True)
+        if old in per_param
+    }
+    optimizer.load_state_dict({"state": remapped, "param_groups": fresh["param_groups"]})
 
 
 def attach_dp(
@@ -757,6 +905,7 @@ def train_local(
     *,
     progress: ProgressCallback | None = None,
     in_place: bool = False,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` logical steps; return its trainable state.
 
@@ -783,6 +932,9 @@ def train_local(
         Train ``model`` itself instead of a deep copy (a client that keeps one model per
         process and loads the global weights into it each round). Opacus is detached again
         before returning either way.
+    optimizer_state : mapping, optional
+        A previous :attr:`TrainResult.optimizer_state` to continue (a stateful client's
+        momentum or Adam moments across rounds; :func:`load_optimizer_state`).
 
     Returns
     -------
@@ -820,6 +972,9 @@ def train_local(
         raise ValueError("the model has no trainable parameters (build it with build_peft_model)")
     physical = resolve_physical_batch_size(config, work, data, device)
     optimizer = make_optimizer(params, config)
+    if optimizer_state is not None:
+        load_optimizer_state(optimizer, optimizer_state, config)
+    scheduled = config.lr_schedule != "constant" or config.warmup_steps > 0
     sample_gen = torch.Generator().manual_seed(sample_seed)
 
     grad_sample_module: nn.Module | None = None
@@ -864,6 +1019,8 @@ def train_local(
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(torch_seed)
             for step in range(1, config.steps + 1):
+                if scheduled:
+                    set_lr(optimizer, config.lr_at(step))
                 micro = data.micro_batches(next(batches), physical)
                 if grad_sample_module is not None:
                     step_loss, size = dp_logical_step(grad_sample_module, dp_optimizer, micro, device, config.precision)
@@ -899,6 +1056,8 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     state = get_trainable_state(work)
+    saved_optimizer = _optimizer_state_to_cpu(optimizer.state_dict())
+    saved_optimizer["fedtune_optimizer"] = config.optimizer
     del optimizer
     if not in_place:
         del work
@@ -920,4 +1079,5 @@ def train_local(
         computed_tokens=computed_tokens,
         physical_batch_size=physical,
         precision=config.precision,
+        optimizer_state=saved_optimizer,
     )

@@ -33,7 +33,11 @@ def build_template(config: RunConfig, num_labels: int) -> tuple[Any, Any]:
     base, tokenizer = load_model_and_tokenizer(config.model, num_labels, seed=config.seed)
     targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()) or None
     lora = LoraSettings(
-        rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=targets
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=targets,
+        ffa=config.ffa_lora,
     )
     return build_peft_model(base, lora, seed=config.seed), tokenizer
 
@@ -43,16 +47,18 @@ def local_plan(config: RunConfig, examples: int) -> tuple[float, int]:
 
     A shard smaller than the batch size trains on all of its examples at every step (``q = 1``: no
     amplification by subsampling; the accountants handle it exactly). Steps per round are
-    ``ceil(local_epochs * N / B)`` unless ``local_steps`` is set. Used by the simulated clients
-    and the deployed ones alike.
+    ``local_steps`` if set, else ``ceil(local_epochs * N / B)`` if set, else
+    ``ceil(epochs * N / (B * rounds))``: ``epochs`` passes over the shard spread over the run. Used
+    by the simulated clients and the deployed ones alike.
     """
     if examples < 1:
         raise ValueError(f"a client needs at least 1 training example, got {examples}")
-    steps = (
-        config.local_steps
-        if config.local_steps is not None
-        else max(1, math.ceil(config.local_epochs * examples / config.batch_size))
-    )
+    if config.local_steps is not None:
+        steps = config.local_steps
+    elif config.local_epochs is not None:
+        steps = max(1, math.ceil(config.local_epochs * examples / config.batch_size))
+    else:
+        steps = max(1, math.ceil(config.epochs * examples / (config.batch_size * config.rounds)))
     return min(1.0, config.batch_size / examples), steps
 
 
@@ -158,6 +164,7 @@ MODEL_FIELDS: tuple[str, ...] = (
     "lora_alpha",
     "lora_dropout",
     "lora_targets",
+    "ffa_lora",
     "max_length",
 )
 #: RunConfig fields that decide, with :data:`MODEL_FIELDS`, the data a simulation loads and splits.

@@ -1,9 +1,10 @@
 """The fedtune ServerApp: ledger-aware FedAvg over LoRA adapters, central evaluation, checkpoints.
 
 :func:`run_server` assembles a :class:`fedtune.server.run.ServerRun` (the loop) from its parts: the
-strategy (Flower's FedAvg wrapped by :class:`~fedtune.server.strategy.LedgerStrategy`), how rounds
-are played (all clients in a simulation, a quorum in a deployment), the central evaluation, and the
-callbacks that persist each round.
+strategy (Flower's FedAvg, FedAvgM, FedAdam or FedYogi, :mod:`fedtune.server.optimizers`, wrapped
+by :class:`~fedtune.server.strategy.LedgerStrategy`), how rounds are played (all clients in a
+simulation, a quorum in a deployment), the central evaluation, and the callbacks that persist each
+round.
 
 Outputs in ``OUT/``, all written atomically after *every* round (an interrupted run keeps them):
 ``config.json``, ``ledger.json`` (the server's privacy ledger), ``checkpoint/``, ``metrics.csv``,
@@ -22,7 +23,6 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedtune.config import RunConfig
 from fedtune.io import atomic_write_json
@@ -31,12 +31,13 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.protocol import DeployOptions, split_run_config, to_record, to_state
 from fedtune.report import plot_rounds, write_metrics_csv, write_summary
 from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.server.optimizers import load_strategy_state, make_strategy, strategy_state
 from fedtune.server.quorum import QuorumRounds
 from fedtune.server.run import PlainRounds, RoundResult, ServerCallback, ServerRun, array_bytes
 from fedtune.server.strategy import LedgerStrategy
 from fedtune.workload import get_workload
 
-__all__ = ["make_server_app", "run_server", "majority_rate", "Checkpointer", "RunReport", "RoundLog"]
+__all__ = ["make_server_app", "run_server", "majority_rate", "Checkpointer", "resume_run", "RunReport", "RoundLog"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def majority_rate(dataset: Any) -> float:
 
 
 class Checkpointer(ServerCallback):
-    """Saves the global weights and every row after each round (``OUT/checkpoint``, atomic)."""
+    """Saves the global weights, the server optimizer's state and every row after each round
+    (``OUT/checkpoint``, atomic; :func:`resume_run` reads it back)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -60,7 +62,26 @@ class Checkpointer(ServerCallback):
     def on_round_end(self, run: ServerRun, row: dict[str, Any], result: RoundResult | None) -> None:
         if result is not None:
             state = {k: v.numpy() for k, v in to_state(run.arrays).items()}
-            save_checkpoint(self.folder, Checkpoint(result.round, state, list(run.rows), run.config.to_dict()))
+            save_checkpoint(
+                self.folder,
+                Checkpoint(result.round, state, list(run.rows), run.config.to_dict(), strategy_state(run.strategy)),
+            )
+
+
+def resume_run(run: ServerRun, checkpoint: Checkpoint) -> None:
+    """Continue ``run`` after ``checkpoint``: its global weights, rows (so the round numbers go on),
+    time so far, and the server optimizer's state (FedAvgM's momentum, FedAdam/FedYogi's moments)."""
+    run.arrays, run.rows = to_record(checkpoint.arrays), list(checkpoint.metrics)
+    run.earlier_seconds = sum(float(r["seconds"]) for r in run.rows)
+    load_strategy_state(run.strategy, checkpoint.server_optimizer)
+    stateful = run.config.server_optimizer != "fedavg" and not run.config.centralized
+    if stateful and checkpoint.round > 0 and not checkpoint.server_optimizer:
+        log.warning(
+            "the checkpoint holds no %s state (written by an earlier fedtune): the server optimizer restarts "
+            "from zero after round %d",
+            run.config.server_optimizer,
+            checkpoint.round,
+        )
 
 
 class RoundLog(ServerCallback):
@@ -295,10 +316,7 @@ def run_server(
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
     min_nodes = config.clients if deployment is None else 1  # deployed: the quorum rounds do the waiting, with timeouts
-    strategy = LedgerStrategy(
-        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_nodes, min_available_nodes=min_nodes),
-        ledger,
-    )
+    strategy = LedgerStrategy(make_strategy(config, min_nodes), ledger)
 
     def evaluate_arrays(arrays: ArrayRecord) -> dict[str, Any]:
         set_trainable_state(eval_model, to_state(arrays))
@@ -316,8 +334,7 @@ def run_server(
         callbacks=[Checkpointer(out / "checkpoint"), RoundLog(metric), report],
     )
     if checkpoint is not None:
-        run.arrays, run.rows = to_record(checkpoint.arrays), list(checkpoint.metrics)
-        run.earlier_seconds = sum(float(r["seconds"]) for r in run.rows)
+        resume_run(run, checkpoint)
         log.info("resuming after round %d from %s", checkpoint.round, out / "checkpoint")
     run.run()
     if report.summary is None:  # pragma: no cover - RunReport writes it after every round

@@ -27,6 +27,7 @@ import time
 from flwr.serverapp import Grid
 
 from fedtune.protocol import DeployOptions
+from fedtune.server.optimizers import load_strategy_state, strategy_state
 from fedtune.server.run import STOP, RoundResult, Rounds, ServerRun, play_round
 
 __all__ = ["QuorumRounds", "wait_for_nodes"]
@@ -72,11 +73,13 @@ class QuorumRounds(Rounds):
                 )
             if connected < wanted:
                 log.warning("round %d: starting with %d of %d clients (min-clients %d)", rnd, connected, wanted, quorum)
+            before = strategy_state(run.strategy)  # a failed attempt must not move the server optimizer
             result = play_round(run.strategy, run.grid, run.arrays, rnd, timeout=options.round_timeout, stop=run.stop)
             if result is None:
                 return f"round {rnd}: no client can train within its privacy budget"
             if result.clients_trained >= quorum:
                 return result
+            load_strategy_state(run.strategy, before)
             log.warning(
                 "round %d, attempt %d of %d: %d valid update(s), %d needed (min-clients); "
                 "the global model is unchanged",

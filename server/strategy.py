@@ -16,7 +16,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -144,11 +145,31 @@ class LedgerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and record each reply, then aggregate the accepted ones with the wrapped strategy."""
-        accepted = [m for m in replies if self._accept(server_round, m)]
+        accepted = [self._in_reference_order(m) for m in replies if self._accept(server_round, m)]
         if not accepted:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        return self.inner.aggregate_train(server_round, accepted)
+        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        return self._as_reference(arrays), metrics
+
+    def _in_reference_order(self, message: Message) -> Message:
+        """Put a reply's arrays in the global model's key order (FedAvgM pairs arrays by position)."""
+        if self._reference is None:
+            return message
+        name, record = next(iter(message.content.array_records.items()))
+        order = list(self._reference.keys())
+        if list(record.keys()) != order:
+            message.content[name] = ArrayRecord({k: record[k] for k in order})
+        return message
+
+    def _as_reference(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the global model's key order and dtypes (FedAdam computes in float64)."""
+        if arrays is None or self._reference is None:
+            return arrays
+        ref = self._reference
+        if list(arrays.keys()) == list(ref.keys()) and all(arrays[k].dtype == ref[k].dtype for k in ref.keys()):
+            return arrays
+        return ArrayRecord({k: Array(np.asarray(arrays[k].numpy(), dtype=ref[k].numpy().dtype)) for k in ref.keys()})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -44,7 +44,14 @@ def _compare(args: argparse.Namespace) -> int:
         partitions = parse_partitions(args.partitions)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else (args.seed,)
         base = config_from_args(args, epsilon=8.0, partition="iid")
-        spec = GridSpec(base, epsilons, partitions, seeds, centralized=args.centralized)
+        spec = GridSpec(
+            base,
+            epsilons,
+            partitions,
+            seeds,
+            centralized=args.centralized,
+            centralized_settings=tuple(args.centralized_set or ()),
+        )
         out = args.out
     rows = run_grid(spec, out, resume=bool(args.resume))
     print(json.dumps(jsonable(rows), indent=2) if args.json else "\n" + format_results_table(rows))
@@ -69,4 +76,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "compare", help="centralized vs federated privacy-utility grid (one run per cell, resumable)"
     )
     add_run_options(cmp, federated=True, grid=True)
+    cmp.add_argument(
+        "--centralized-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a setting the centralized cells use instead (repeatable), e.g. --centralized-set batch-size=1024: "
+        "each setting gets the batch size, optimizer and learning rate tuned for it; compute stays matched",
+    )
     cmp.set_defaults(handler=_compare, out="runs/compare")

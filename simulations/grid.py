@@ -6,10 +6,11 @@ derived from one base configuration by changing as little as possible:
 
 * **Same model, LoRA, optimizer, learning rate, clipping norm C, batch size B, rounds R, seed** and
   the same training examples (the pooled set is exactly the union of the client shards).
-* **Same compute (examples processed).** With ``local_epochs = E`` each federated client takes
-  ``ceil(E * N_k / B)`` Poisson steps per round on its shard of ``N_k`` examples, and the centralized
-  run takes ``ceil(E * N / B)`` steps per round on the pooled ``N = sum_k N_k``: both process
-  ``E * N`` expected examples per round (up to rounding). With ``local_steps = S`` the centralized
+* **Same compute (examples processed).** With ``epochs = E`` (the default, E = 1) each federated
+  client takes ``ceil(E * N_k / (B * R))`` Poisson steps per round on its shard of ``N_k`` examples,
+  and the centralized run ``ceil(E * N / (B * R))`` on the pooled ``N = sum_k N_k``: both process
+  ``E * N`` expected examples over the run (up to rounding, at most one batch per client and
+  round). ``local_epochs = E`` works the same way per round. With ``local_steps = S`` the centralized
   run takes ``K * S`` steps per round, the same ``K * S * B`` expected examples as ``K`` clients.
 * **Same record-level guarantee.** Every record lives on exactly one client, so a client's
   ``(epsilon, delta)`` covers its records (parallel composition; docs/privacy.md) and a federated
@@ -135,6 +136,59 @@ class Cell:
         return "centralized" if self.setting == "centralized" else f"federated {self.partition}"
 
 
+#: Settings a grid's cells must share or that a cell sets itself: never overridden per setting.
+_NOT_OVERRIDABLE = ("task", "model", "data_dir", "clients", "partition", "epsilon", "delta", "seed", "out", "rounds")
+
+
+def parse_overrides(items: Any) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` strings or (key, value) pairs -> validated (name, typed value) pairs.
+
+    Keys are RunConfig field names (``batch_size`` or ``batch-size``); values are converted to the
+    field's type. Settings that define the comparison itself (task, data, clients, budget, rounds,
+    seed) are refused with a ValueError naming them.
+    """
+    from dataclasses import fields as dc_fields
+
+    known = {f.name: f for f in dc_fields(RunConfig)}
+    defaults = RunConfig()
+    pairs: list[tuple[str, Any]] = []
+    for item in items or ():
+        if isinstance(item, str):
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            value: Any = text
+        else:
+            key, value = item
+        name = key.strip().replace("-", "_")
+        if name not in known:
+            raise ValueError(f"unknown setting {key!r} in KEY=VALUE; known: {', '.join(sorted(known))}")
+        if name in _NOT_OVERRIDABLE:
+            raise ValueError(f"{name} cannot differ between settings of a grid (fixed: {', '.join(_NOT_OVERRIDABLE)})")
+        current = getattr(defaults, name)
+        if isinstance(value, str):
+            value = _typed(name, value, current)
+        pairs.append((name, value))
+    if pairs:
+        defaults.replace(**dict(pairs))  # validates every value (ValueError naming it)
+    return tuple(pairs)
+
+
+def _typed(name: str, text: str, like: Any) -> Any:
+    try:
+        if isinstance(like, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(like, int) or name in ("local_steps", "physical_batch_size", "max_train_examples"):
+            return None if text.lower() in ("", "none") else int(text)
+        if isinstance(like, float) or name == "local_epochs":
+            return None if text.lower() in ("", "none") else float(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected a value like {like!r}") from None
+    return text
+
+
 @dataclass(frozen=True)
 class GridSpec:
     """A grid: the base run configuration crossed with settings, budgets and seeds.
@@ -152,6 +206,11 @@ class GridSpec:
         Seeds (data subset, partition, initialisation, sampling); empty = ``(base.seed,)``.
     centralized : bool
         Include the centralized cells.
+    centralized_settings : tuple of (str, value) pairs
+        Settings the centralized cells use instead of the base's (e.g. ``(("batch_size", 1024),
+        ("learning_rate", 0.01))``): each setting tuned with the same effort gets its own best
+        batch size, learning rate or optimizer. The compute stays matched: with ``local_steps`` the
+        centralized steps are rescaled to the same examples (``ceil(K * S * B / B_central)``).
     """
 
     base: RunConfig
@@ -159,11 +218,13 @@ class GridSpec:
     partitions: tuple[str, ...]
     seeds: tuple[int, ...] = ()
     centralized: bool = True
+    centralized_settings: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilons", parse_epsilons(self.epsilons))
         object.__setattr__(self, "partitions", parse_partitions(self.partitions) if self.partitions else ())
         object.__setattr__(self, "seeds", parse_seeds(self.seeds) if self.seeds else (self.base.seed,))
+        object.__setattr__(self, "centralized_settings", parse_overrides(self.centralized_settings))
         if not self.partitions and not self.centralized:
             raise ValueError("the grid has no settings: give at least one partition or keep the centralized cells")
         if self.partitions and self.base.clients < 2:
@@ -179,16 +240,25 @@ class GridSpec:
         """The run configuration of ``cell`` (compute and privacy matched as the module docstring says)."""
         if cell.setting == "federated":
             return self.base.replace(partition=cell.partition, epsilon=cell.epsilon, seed=cell.seed, out=str(out))
-        steps = None if self.base.local_steps is None else self.base.local_steps * self.base.clients
+        own = dict(self.centralized_settings)
+        batch = int(own.get("batch_size", self.base.batch_size))
+        steps = (
+            None
+            if self.base.local_steps is None
+            else math.ceil(self.base.local_steps * self.base.clients * self.base.batch_size / batch)
+        )
         cpus = self.base.cpus_per_client if self.base.gpus_per_client > 0 else float(max(1, os.cpu_count() or 1))
         return self.base.replace(
-            clients=1,
-            partition="iid",
-            epsilon=cell.epsilon,
-            seed=cell.seed,
-            local_steps=steps,
-            cpus_per_client=max(cpus, self.base.cpus_per_client),
-            out=str(out),
+            **{
+                "local_steps": steps,
+                **own,
+                "clients": 1,
+                "partition": "iid",
+                "epsilon": cell.epsilon,
+                "seed": cell.seed,
+                "cpus_per_client": max(cpus, self.base.cpus_per_client),
+                "out": str(out),
+            }
         )
 
     # -- serialisation (grid.json) --------------------------------------------------------------
@@ -199,6 +269,7 @@ class GridSpec:
             "partitions": list(self.partitions),
             "seeds": list(self.seeds),
             "centralized": self.centralized,
+            "centralized_settings": dict(self.centralized_settings),
         }
 
     @classmethod
@@ -209,4 +280,5 @@ class GridSpec:
             partitions=tuple(data["partitions"]),
             seeds=tuple(int(s) for s in data["seeds"]),
             centralized=bool(data.get("centralized", True)),
+            centralized_settings=tuple(dict(data.get("centralized_settings", {})).items()),
         )

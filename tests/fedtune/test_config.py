@@ -47,3 +47,23 @@ def test_unknown_keys_are_refused() -> None:
 def test_centralized_and_private_flags() -> None:
     assert RunConfig(clients=1).centralized and not RunConfig(clients=2).centralized
     assert not RunConfig(epsilon=math.inf).private and RunConfig(epsilon=3.0).private
+
+
+def test_epochs_spread_over_the_rounds_decide_the_steps() -> None:
+    """``epochs`` fixes the work of the whole run; ``rounds`` only how often it is averaged."""
+    from fedtune.workload import local_plan
+
+    config = RunConfig(rounds=11, batch_size=256)
+    assert local_plan(config, 8_418) == pytest.approx((256 / 8_418, 3))  # ceil(8418 / (256 * 11))
+    assert local_plan(config.replace(clients=1), 67_349)[1] == 24  # the pooled data: ceil(67349 / 2816)
+    assert local_plan(config.replace(epochs=2.0), 8_418)[1] == 6
+    assert local_plan(config.replace(rounds=1), 8_418)[1] == 33  # one round: the whole epoch
+    assert local_plan(config.replace(local_epochs=1.0), 8_418)[1] == 33  # per round, overrides epochs
+    assert local_plan(config.replace(local_epochs=1.0, local_steps=5), 8_418)[1] == 5
+    assert local_plan(config.replace(batch_size=10_000), 8_418) == (1.0, 1)  # a shard smaller than B: q = 1
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan")])
+def test_bad_epochs_are_refused(value: float) -> None:
+    with pytest.raises(ValueError, match=r"epochs must be in \(0, inf\), got"):
+        RunConfig(epochs=value)

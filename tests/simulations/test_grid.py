@@ -160,7 +160,7 @@ def test_small_dirichlet_shards_train_full_batch_or_get_a_minimum_size(glue_dir:
     for k, n in enumerate(sizes):
         assert work.sampling_rate(k) == pytest.approx(min(1.0, 64 / n))
         assert work.batch_size(k) == min(64, n)
-        assert work.steps_per_round(k) == math.ceil(n / 64)
+        assert work.steps_per_round(k) == math.ceil(n / (64 * base.rounds))  # one epoch over the rounds
     raised = base.replace(min_shard_size=64)
     check_workload(raised)
     assert min(len(s) for s in get_workload(raised).shards) >= 64
@@ -203,3 +203,36 @@ def test_a_cell_with_rejected_updates_is_degraded_and_left_out(tmp_path: Path, g
     table = format_results_table([good, bad])
     assert "| centralized | 8 |" in table and "| federated iid |" not in table
     assert "DEGRADED (left out of the table and plots): federated-iid-eps8-seed0" in table
+
+
+def test_centralized_settings_apply_to_the_centralized_cells_only() -> None:
+    """Each setting gets its own tuned batch size and learning rate; the examples processed stay matched."""
+    from fedtune.simulations.grid import Cell, GridSpec
+
+    base = RunConfig(clients=8, rounds=11, batch_size=256, local_steps=3, learning_rate=2e-3)
+    spec = GridSpec(base, (8.0,), ("iid",), (0,), centralized_settings=("batch-size=1024", "learning_rate=0.01"))
+    central = spec.config(Cell("centralized", "pooled", 8.0, 0), "/tmp/c")
+    federated = spec.config(Cell("federated", "iid", 8.0, 0), "/tmp/f")
+    assert (central.batch_size, central.learning_rate, central.clients) == (1024, 0.01, 1)
+    assert (federated.batch_size, federated.learning_rate, federated.clients) == (256, 2e-3, 8)
+    # 8 clients x 3 steps x 256 examples per round = 6 steps of 1,024
+    assert central.local_steps * central.batch_size == 8 * 3 * 256
+    assert GridSpec.from_dict(spec.to_dict()) == spec  # grid.json round trip (resume)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("epsilon=3", "epsilon cannot differ between settings"),
+        ("rounds=2", "rounds cannot differ"),
+        ("batch_size=many", "batch_size='many': expected a value like"),
+        ("colour=red", "unknown setting 'colour'"),
+        ("momentum=2", r"momentum must be a number in \[0, 1\), got 2.0"),
+        ("batch_size", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_centralized_settings_are_refused(item: str, message: str) -> None:
+    from fedtune.simulations.grid import GridSpec
+
+    with pytest.raises(ValueError, match=message):
+        GridSpec(RunConfig(clients=4), (8.0,), ("iid",), centralized_settings=(item,))
