@@ -116,7 +116,7 @@ def optimizer_settings(config: RunConfig, steps: int, server_round: int) -> dict
     """
     plan = config.rounds * steps
     return {
-        "learning_rate": config.learning_rate,
+        "learning_rate": config.client_learning_rate,
         "optimizer": config.optimizer,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,

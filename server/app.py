@@ -203,6 +203,7 @@ class RunReport(ServerCallback):
             "clients": self._clients(run),
             "composed_epsilon": composed,
             "delta": config.delta,
+            "client_learning_rate": config.client_learning_rate,
             "epsilon_target": config.epsilon,
             "certified_by": "pld",
             "estimated_by": config.accountant,

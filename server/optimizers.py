@@ -65,7 +65,9 @@ def make_strategy(config: RunConfig, min_nodes: int) -> Strategy:
         )
     if name in ("fedadam", "fedyogi"):
         cls = FedAdam if name == "fedadam" else FedYogi
-        return cls(**common, eta=config.server_learning_rate, eta_l=config.learning_rate, beta_1=config.server_momentum)
+        return cls(
+            **common, eta=config.server_learning_rate, eta_l=config.client_learning_rate, beta_1=config.server_momentum
+        )
     raise ValueError(f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {name!r}")
 
 

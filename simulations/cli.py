@@ -41,7 +41,7 @@ def _compare(args: argparse.Namespace) -> int:
         spec, out = GridSpec.from_dict(read_json(grid_file)), args.resume
     else:
         epsilons = parse_epsilons(args.epsilons)
-        partitions = parse_partitions(args.partitions)
+        partitions = () if args.partitions.strip().lower() in ("", "none") else parse_partitions(args.partitions)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else (args.seed,)
         base = config_from_args(args, epsilon=8.0, partition="iid")
         spec = GridSpec(

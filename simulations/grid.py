@@ -165,27 +165,30 @@ def parse_overrides(items: Any) -> tuple[tuple[str, Any], ...]:
             raise ValueError(f"unknown setting {key!r} in KEY=VALUE; known: {', '.join(sorted(known))}")
         if name in _NOT_OVERRIDABLE:
             raise ValueError(f"{name} cannot differ between settings of a grid (fixed: {', '.join(_NOT_OVERRIDABLE)})")
-        current = getattr(defaults, name)
         if isinstance(value, str):
-            value = _typed(name, value, current)
+            value = _typed(name, value, str(known[name].type))
         pairs.append((name, value))
     if pairs:
         defaults.replace(**dict(pairs))  # validates every value (ValueError naming it)
     return tuple(pairs)
 
 
-def _typed(name: str, text: str, like: Any) -> Any:
+def _typed(name: str, text: str, annotation: str) -> Any:
+    """``text`` as the RunConfig field's type (its annotation, e.g. ``"float | None"``)."""
+    optional = "None" in annotation
+    if optional and text.strip().lower() in ("", "none"):
+        return None
     try:
-        if isinstance(like, bool):
+        if annotation.startswith("bool"):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return text.lower() in ("true", "1", "yes")
-        if isinstance(like, int) or name in ("local_steps", "physical_batch_size", "max_train_examples"):
-            return None if text.lower() in ("", "none") else int(text)
-        if isinstance(like, float) or name == "local_epochs":
-            return None if text.lower() in ("", "none") else float(text)
+        if annotation.startswith("int"):
+            return int(text)
+        if annotation.startswith("float"):
+            return float(text)
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a value like {like!r}") from None
+        raise ValueError(f"{name}={text!r}: expected a value of type {annotation}") from None
     return text
 
 

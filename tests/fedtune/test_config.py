@@ -67,3 +67,32 @@ def test_epochs_spread_over_the_rounds_decide_the_steps() -> None:
 def test_bad_epochs_are_refused(value: float) -> None:
     with pytest.raises(ValueError, match=r"epochs must be in \(0, inf\), got"):
         RunConfig(epochs=value)
+
+
+def test_the_default_recipe() -> None:
+    """The defaults are the measured recipe (docs/benchmarks.md, issue 11)."""
+    config = RunConfig()
+    assert (config.optimizer, config.stateful_clients, config.lr_schedule, config.warmup_fraction) == (
+        "adamw",
+        True,
+        "cosine",
+        0.1,
+    )
+    assert (config.batch_size, config.epochs, config.server_optimizer, config.ffa_lora) == (256, 1.0, "fedavg", False)
+    assert config.learning_rate is None and config.client_learning_rate == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize(
+    ("changes", "lr"),
+    [
+        ({"batch_size": 1024}, 0.01),  # Adam under DP: lr * B fixed ...
+        ({"batch_size": 512}, 0.02),
+        ({"batch_size": 32}, 0.04),  # ... capped at the largest rate measured
+        ({"epsilon": math.inf}, 2e-3),  # without DP
+        ({"optimizer": "adambc", "batch_size": 2048}, 0.005),
+        ({"optimizer": "sgd"}, 0.5),
+        ({"learning_rate": 0.123}, 0.123),  # an explicit rate always wins
+    ],
+)
+def test_the_default_learning_rate_follows_the_batch_and_the_privacy(changes: dict, lr: float) -> None:
+    assert RunConfig(**changes).client_learning_rate == pytest.approx(lr)

@@ -84,7 +84,8 @@ def test_client_epsilon_composes_all_its_rounds(ledger):
     assert ledger.composition("alice") == alice
     assert ledger.epsilon("alice") == sp.get_epsilon(alice, DELTA)
     assert ledger.epsilon("alice") == sp.get_epsilon([A.repeated(2), B], DELTA)
-    assert ledger.certified_epsilon("alice") == certifier().get_epsilon(alice, DELTA)
+    # the ledger certifies the grouped form (steps commute): the same bound up to floating-point rounding
+    assert ledger.certified_epsilon("alice") == pytest.approx(certifier().get_epsilon(alice, DELTA), rel=1e-9)
     assert ledger.epsilon("alice", "rdp") == get_accountant("rdp").get_epsilon(alice, DELTA)
     # one round costs less than all of them
     assert ledger.epsilon("alice") > sp.get_epsilon(A.repeated(2), DELTA)
@@ -117,7 +118,7 @@ class TestBudgetCheck:
         assert isinstance(answer, BudgetCheck)
         assert not answer.allowed
         after = certifier().get_epsilon(ledger.composition("alice") + planned, DELTA)
-        assert answer.epsilon_after == pytest.approx(after, rel=1e-12)
+        assert answer.epsilon_after == pytest.approx(after, rel=1e-9)  # the ledger groups equal (q, sigma) events first
         assert answer.epsilon_after > spent + 0.5 == answer.budget
         for text in (
             "'alice'",

@@ -225,7 +225,7 @@ def test_centralized_settings_apply_to_the_centralized_cells_only() -> None:
     [
         ("epsilon=3", "epsilon cannot differ between settings"),
         ("rounds=2", "rounds cannot differ"),
-        ("batch_size=many", "batch_size='many': expected a value like"),
+        ("batch_size=many", "batch_size=.many.: expected a value of type int"),
         ("colour=red", "unknown setting 'colour'"),
         ("momentum=2", r"momentum must be a number in \[0, 1\), got 2.0"),
         ("batch_size", "expected KEY=VALUE"),
