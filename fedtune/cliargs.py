@@ -168,7 +168,7 @@ def add_run_options(
         type=float,
         default=None,
         help="client learning rate, the schedule's peak (default: min(10.24 / batch size, 0.04) for Adam under DP, "
-        "2e-3 without DP, 0.5 for SGD; docs/results.md)",
+        "5e-3 without DP, 0.5 for SGD; docs/results.md)",
     )
     parser.add_argument(
         "--optimizer",

@@ -88,7 +88,7 @@ def test_the_default_recipe() -> None:
         ({"batch_size": 1024}, 0.01),  # Adam under DP: lr * B fixed ...
         ({"batch_size": 512}, 0.02),
         ({"batch_size": 32}, 0.04),  # ... capped at the largest rate measured
-        ({"epsilon": math.inf}, 2e-3),  # without DP
+        ({"epsilon": math.inf}, 5e-3),  # without DP
         ({"optimizer": "adambc", "batch_size": 2048}, 0.005),
         ({"optimizer": "sgd"}, 0.5),
         ({"learning_rate": 0.123}, 0.123),  # an explicit rate always wins
