@@ -219,6 +219,28 @@ def add_run_options(
             default=d.server_momentum,
             help=f"FedAvgM momentum / FedAdam, FedYogi beta_1 (default {d.server_momentum:g})",
         )
+        parser.add_argument(
+            "--client-level-epsilon",
+            type=_epsilon,
+            default=d.client_level_epsilon,
+            help="client-level (user-level) DP budget over all rounds: the server clips each client's update "
+            "and adds Gaussian noise to their sum (DP-FedAvg); 'inf' = off (default off; needs "
+            "--server-optimizer fedavg)",
+        )
+        parser.add_argument(
+            "--update-clipping-norm",
+            type=float,
+            default=d.update_clipping_norm,
+            help="L2 bound on each client's update under client-level DP; about the median update norm the "
+            f"log prints is a good start (default {d.update_clipping_norm:g})",
+        )
+        parser.add_argument(
+            "--clients-per-round",
+            type=optional_int_arg,
+            default=None,
+            help="expected clients per round M under client-level DP: each client takes part with "
+            "probability M / clients (Poisson sampling, amplifies privacy) (default: every client)",
+        )
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
     parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
     parser.add_argument(

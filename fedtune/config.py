@@ -141,6 +141,16 @@ class RunConfig:
         Server learning rate (FedAvgM's ``server_learning_rate``, FedAdam/FedYogi's ``eta``).
     server_momentum : float
         FedAvgM's momentum, FedAdam/FedYogi's ``beta_1``, in [0, 1).
+    client_level_epsilon : float
+        Client-level (user-level) DP budget at ``delta`` over all rounds (DP-FedAvg, McMahan et al.
+        2018): the server clips each client's update to ``update_clipping_norm`` and adds Gaussian
+        noise to the sum. ``inf`` (the default) = off. Needs ``server_optimizer = fedavg``.
+    update_clipping_norm : float
+        L2 bound on each client's model update under client-level DP.
+    clients_per_round : int or None
+        Expected clients per round M under client-level DP: each of the K clients takes part
+        independently with probability M / K (Poisson sampling, which the accountants model).
+        None = every client, every round (no amplification).
     lora_rank, lora_alpha, lora_dropout, lora_targets : LoRA settings (targets: comma-separated or "").
     ffa_lora : bool
         FFA-LoRA: LoRA ``A`` frozen at its shared seeded init, only ``B`` and the head train
@@ -193,6 +203,9 @@ class RunConfig:
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
+    client_level_epsilon: float = math.inf
+    update_clipping_norm: float = 1.0
+    clients_per_round: int | None = None
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -243,6 +256,25 @@ class RunConfig:
         _one_of("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _positive_float("server_learning_rate", self.server_learning_rate)
         _unit_interval("server_momentum", self.server_momentum)
+        _positive_float("client_level_epsilon", self.client_level_epsilon, allow_inf=True)
+        _positive_float("update_clipping_norm", self.update_clipping_norm)
+        if self.clients_per_round is not None:
+            _positive_int("clients_per_round", self.clients_per_round)
+            if self.clients_per_round > self.clients:
+                raise ValueError(
+                    f"clients_per_round must be in [1, clients = {self.clients}], got {self.clients_per_round!r}"
+                )
+        if self.client_level:
+            if self.clients < 2:
+                raise ValueError(
+                    f"client_level_epsilon = {self.client_level_epsilon:g} needs a federated run with clients >= 2, "
+                    f"got clients = {self.clients}"
+                )
+            if self.server_optimizer != "fedavg":
+                raise ValueError(
+                    "client-level DP adds its noise to FedAvg's mean (Flower's DP strategy wrappers), so "
+                    f"server_optimizer must be fedavg, got {self.server_optimizer!r}"
+                )
         _boolean("ffa_lora", self.ffa_lora)
         _positive_int("lora_rank", self.lora_rank)
         _positive_float("lora_alpha", self.lora_alpha)
@@ -290,6 +322,16 @@ class RunConfig:
         return min(10.24 / self.batch_size, 0.04) if self.private else 5e-3
 
     @property
+    def client_level(self) -> bool:
+        """True when the server adds client-level DP noise (``client_level_epsilon`` finite)."""
+        return not math.isinf(self.client_level_epsilon)
+
+    @property
+    def sampled_clients(self) -> int:
+        """Expected clients per round: ``clients_per_round``, or every client."""
+        return self.clients if self.clients_per_round is None else self.clients_per_round
+
+    @property
     def centralized(self) -> bool:
         """True with a single client holding the pooled data."""
         return self.clients == 1
@@ -306,8 +348,9 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``epsilon = inf`` is written as the string ``"inf"``)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        if math.isinf(data["epsilon"]):
-            data["epsilon"] = "inf"
+        for key in ("epsilon", "client_level_epsilon"):
+            if math.isinf(data[key]):
+                data[key] = "inf"
         return data
 
     @classmethod
@@ -318,8 +361,9 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown run setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         values = dict(data)
-        if isinstance(values.get("epsilon"), str):
-            values["epsilon"] = float(values["epsilon"])
+        for key in ("epsilon", "client_level_epsilon"):
+            if isinstance(values.get(key), str):
+                values[key] = float(values[key])
         return cls(**values)
 
     def to_flower(self) -> dict[str, bool | int | float | str]:
@@ -339,13 +383,15 @@ class RunConfig:
             "ray_address",
             "physical_batch_size",
             "learning_rate",
+            "clients_per_round",
         }
         data: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")
             data[name] = None if (name in optional and value == "") else value
-        if isinstance(data.get("epsilon"), str):
-            data["epsilon"] = float(data["epsilon"])
+        for key in ("epsilon", "client_level_epsilon"):
+            if isinstance(data.get(key), str):
+                data[key] = float(data[key])
         for name in (
             "lora_alpha",
             "alpha",
@@ -361,6 +407,7 @@ class RunConfig:
             "warmup_fraction",
             "server_learning_rate",
             "server_momentum",
+            "update_clipping_norm",
         ):
             if isinstance(data.get(name), int) and not isinstance(data.get(name), bool):
                 data[name] = float(data[name])

@@ -39,11 +39,14 @@ def plot_rounds(
     title: str,
     majority: float | None = None,
     epsilon_target: float | None = None,
+    client_level_target: float | None = None,
 ) -> Path:
     """Accuracy (or the task metric) and certified epsilon per round, as a PNG.
 
     ``majority`` draws the majority-class rate (what a model that learned nothing scores) and
-    ``epsilon_target`` the privacy budget, as dotted lines.
+    ``epsilon_target`` the privacy budget, as dotted lines. Rows with ``client_level_epsilon``
+    add the client-level epsilon (server noise, certified) in purple, with its budget
+    ``client_level_target``.
     """
     import matplotlib
     import matplotlib.ticker
@@ -77,6 +80,17 @@ def plot_rounds(
                 xytext=(2, 3),
             )
             ax2.set_ylim(0, max(epsilon_target, max(e for e in eps if math.isfinite(e))) * 1.1)
+    client = [float(r.get("client_level_epsilon", math.nan)) for r in rounds]
+    if any(math.isfinite(e) for e in client):
+        ax3 = ax.twinx()
+        ax3.spines["right"].set_position(("axes", 1.12))
+        ax3.plot(xs, client, "^-.", color="tab:purple", label="client-level epsilon (certified)")
+        ax3.set_ylabel("client-level epsilon (certified)", color="tab:purple")
+        top = max(e for e in client if math.isfinite(e))
+        if client_level_target is not None and math.isfinite(client_level_target):
+            ax3.axhline(client_level_target, color="tab:purple", linestyle=":", alpha=0.6)
+            top = max(top, client_level_target)
+        ax3.set_ylim(0, top * 1.1 or 1.0)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -116,6 +130,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"composed record-level epsilon (max over clients, certified, delta {summary['delta']:g}): "
         f"{_fmt(summary['composed_epsilon'])}"
     )
+    if "client_level_epsilon" in summary:
+        level = summary.get("client_level", {})
+        lines.append(
+            f"client-level epsilon (server noise over {level.get('server_releases', '?')} rounds, q = "
+            f"{_num(level.get('sampling_rate'))}, sigma {_num(level.get('noise_multiplier'))}, update clipping "
+            f"{_num(level.get('clipping_norm'))}, certified, delta {summary['delta']:g}): "
+            f"{_fmt(summary['client_level_epsilon'])}"
+        )
     lines.append(f"final {metric}: {summary['final_accuracy']:.4f}   total time: {summary['seconds']:.1f} s")
     majority = summary.get("majority_class_rate")
     if isinstance(majority, (int, float)) and math.isfinite(majority) and metric == "accuracy":

@@ -165,7 +165,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"noise multiplier for epsilon = {target:g}, delta = {delta:g}, q = {args.q:g}, steps = {args.steps}")
         print(
             _table(
-                ["accountant", "sigma", "certified epsilon (pld)"],
+                ["accountant", "sigma", f"certified epsilon ({certifier().name})"],
                 [[p["name"], p["sigma"], p["certified_epsilon"]] for p in per],
             )
         )

@@ -275,9 +275,33 @@ class PrivacyLedger:
 
     def client_level_epsilon(self) -> float | None:
         """Client-level epsilon from server-side noise events, or None if the server added none."""
-        if not self._server_events:
-            return None
-        return certifier().get_epsilon(Composition(tuple(self._server_events.values())), self.delta)
+        events = tuple(self.server_events().values())
+        return _certified_epsilon(Composition(events), self.delta) if events else None
+
+    def server_events(self) -> dict[int, SubsampledGaussianEvent]:
+        """The recorded server (client-level DP) events by round (a copy)."""
+        with self._lock:
+            return dict(sorted(self._server_events.items()))
+
+    def check_server(self, planned: SubsampledGaussianEvent, budget: float) -> BudgetCheck:
+        """Prospective check: would one more server release keep the client-level epsilon within ``budget``?
+
+        Certified (``pld``) bound of the recorded server events composed with ``planned``.
+        """
+        budget = check_epsilon(budget)
+        events = tuple(self.server_events().values())
+        after = _certified_epsilon(Composition((*events, planned)), self.delta)
+        if after > budget:
+            spent = _certified_epsilon(Composition(events), self.delta) if events else 0.0
+            return BudgetCheck(
+                False,
+                after,
+                budget,
+                f"the client-level epsilon is {spent:.4g} (certified, delta {self.delta:g}) after {len(events)} "
+                f"server releases; one more at q = {planned.sampling_rate:.4g}, sigma = {planned.noise_multiplier:.4g} "
+                f"would bring it to {after:.4g} > budget {budget:g}",
+            )
+        return BudgetCheck(True, after, budget)
 
     def check(self, client_id: str, planned: SubsampledGaussianEvent, budget: float | None = None) -> BudgetCheck:
         """Prospective check: would ``planned`` keep the client within budget? (certified bound)."""
@@ -323,7 +347,7 @@ def _certified_epsilon(composition: Composition, delta: float) -> float:
     Steps commute, so a composition's epsilon depends only on its total steps per distinct
     ``(q, sigma)`` (:meth:`Composition.grouped`): the prospective check before a round and the
     record after it, or a server checking many clients with the same plan, pay for one PLD
-    computation (~0.3-1 s each) instead of one per query.
+    computation instead of one per query.
     """
     return _certified_grouped(tuple(sorted(composition.grouped().items())), delta)
 

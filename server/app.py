@@ -27,10 +27,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import RunConfig
 from fedtune.io import atomic_write_json
 from fedtune.logs import configure_logging
+from fedtune.privacy.accountants.reference import certifier
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.protocol import DeployOptions, split_run_config, to_record, to_state
 from fedtune.report import plot_rounds, write_metrics_csv, write_summary
 from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.server.client_dp import ClientLevelDP, wrap_client_level
 from fedtune.server.optimizers import load_strategy_state, make_strategy, strategy_state
 from fedtune.server.quorum import QuorumRounds
 from fedtune.server.run import PlainRounds, RoundResult, ServerCallback, ServerRun, array_bytes
@@ -205,7 +207,7 @@ class RunReport(ServerCallback):
             "delta": config.delta,
             "client_learning_rate": config.client_learning_rate,
             "epsilon_target": config.epsilon,
-            "certified_by": "pld",
+            "certified_by": certifier().name,
             "estimated_by": config.accountant,
             "bytes_per_round": array_bytes(run.arrays),
             "rejected_updates": run.strategy.rejected,
@@ -222,6 +224,21 @@ class RunReport(ServerCallback):
             "stop_reason": run.stop_reason,
             "failed": run.failed,
         }
+        dp = run.strategy.inner
+        if isinstance(dp, ClientLevelDP):
+            spent = self.ledger.client_level_epsilon()
+            summary["client_level_epsilon"] = 0.0 if spent is None else spent
+            summary["client_level"] = {
+                "epsilon_certified": summary["client_level_epsilon"],
+                "epsilon_target": config.client_level_epsilon,
+                "protects": "a client's whole contribution (all its examples, every round), against anyone who sees "
+                "the global models; the record-level epsilon protects one example against anyone who sees the "
+                "client's updates",
+                "server_releases": len(self.ledger.server_events()),
+                "last_round": dp.last_round,
+                **dp.plan.to_dict(),
+            }
+            summary["composed_epsilon_protects"] = "one training example (record-level, max over clients)"
         if self.deployment is not None:
             d = self.deployment
             summary["deployment"] = {
@@ -238,7 +255,9 @@ class RunReport(ServerCallback):
             metric=self.metric,
             majority=summary["majority_class_rate"],
             epsilon_target=config.epsilon,
-            title=f"fedtune {config.task}: {config.clients} clients, epsilon {config.epsilon:g}",
+            client_level_target=config.client_level_epsilon if config.client_level else None,
+            title=f"fedtune {config.task}: {config.clients} clients, epsilon {config.epsilon:g}"
+            + (f", client-level epsilon {config.client_level_epsilon:g}" if config.client_level else ""),
         )
         self.summary = summary
 
@@ -257,8 +276,12 @@ def _describe(shards: list[Any]) -> list[dict[str, Any]]:
     return describe_partitions(shards)
 
 
-def _row_maker(metric: str, private: bool, ledger: PrivacyLedger):  # type: ignore[no-untyped-def]
-    """The one schema of a metrics.csv row (round 0 is the initial model)."""
+def _row_maker(metric: str, private: bool, ledger: PrivacyLedger, *, client_level: bool = False):  # type: ignore[no-untyped-def]
+    """The one schema of a metrics.csv row (round 0 is the initial model).
+
+    ``epsilon_certified`` is the record-level epsilon (max over clients); with client-level DP on,
+    ``client_level_epsilon`` (certified, the server's noise) follows it.
+    """
 
     def make_row(run: ServerRun, metrics: dict[str, Any], result: RoundResult | None) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -269,6 +292,8 @@ def _row_maker(metric: str, private: bool, ledger: PrivacyLedger):  # type: igno
         if metric != "accuracy" and "accuracy" not in row:
             row["accuracy"] = row[metric]
         row["epsilon_certified"] = (ledger.composed_epsilon() if result else 0.0) if private else math.inf
+        if client_level:
+            row["client_level_epsilon"] = (ledger.client_level_epsilon() or 0.0) if result else 0.0
         row.update(
             clients_trained=result.clients_trained if result else 0,
             clients_rejected=result.clients_rejected if result else 0,
@@ -317,7 +342,8 @@ def run_server(
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
     min_nodes = config.clients if deployment is None else 1  # deployed: the quorum rounds do the waiting, with timeouts
-    strategy = LedgerStrategy(make_strategy(config, min_nodes), ledger)
+    inner = wrap_client_level(config, ledger, min_nodes) if config.client_level else make_strategy(config, min_nodes)
+    strategy = LedgerStrategy(inner, ledger)
 
     def evaluate_arrays(arrays: ArrayRecord) -> dict[str, Any]:
         set_trainable_state(eval_model, to_state(arrays))
@@ -330,7 +356,7 @@ def run_server(
         grid=grid,
         arrays=to_record(get_trainable_state(eval_model)),
         evaluate=evaluate_arrays,
-        make_row=_row_maker(metric, config.private, ledger),
+        make_row=_row_maker(metric, config.private, ledger, client_level=config.client_level),
         rounds=PlainRounds() if deployment is None else QuorumRounds(deployment, config.clients),
         callbacks=[Checkpointer(out / "checkpoint"), RoundLog(metric), report],
     )

@@ -76,7 +76,9 @@ class QuorumRounds(Rounds):
             before = strategy_state(run.strategy)  # a failed attempt must not move the server optimizer
             result = play_round(run.strategy, run.grid, run.arrays, rnd, timeout=options.round_timeout, stop=run.stop)
             if result is None:
-                return f"round {rnd}: no client can train within its privacy budget"
+                return f"round {rnd}: " + (
+                    run.strategy.exhausted_reason or "no client can train within its privacy budget"
+                )
             if result.clients_trained >= quorum:
                 return result
             load_strategy_state(run.strategy, before)

@@ -126,10 +126,10 @@ def play_round(
     """
     start = time.perf_counter()
     messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({}), grid))
-    if not messages:
+    if strategy.exhausted:
         return None
     rejected_before = len(strategy.rejected)
-    replies = exchange(grid, messages, timeout, stop)
+    replies = exchange(grid, messages, timeout, stop) if messages else []
     received = sum(
         array_bytes(r.content.array_records[k]) for r in replies if not r.has_error() for k in r.content.array_records
     )
@@ -169,7 +169,7 @@ class PlainRounds(Rounds):
     def play(self, run: ServerRun, rnd: int) -> RoundResult | str:
         result = play_round(run.strategy, run.grid, run.arrays, rnd, timeout=self.timeout, stop=run.stop)
         if result is None:
-            return f"round {rnd}: no client can train within its privacy budget"
+            return f"round {rnd}: " + (run.strategy.exhausted_reason or "no client can train within its privacy budget")
         if result.errors:
             run.failed = True
             return f"round {rnd}: " + failure_reason(result.errors)

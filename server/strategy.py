@@ -53,6 +53,7 @@ class LedgerStrategy(Strategy):
         self.totals: dict[str, dict[str, int]] = {}  # rounds and steps each client trained in this process
         self._reference: ArrayRecord | None = None
         self.exhausted = False
+        self.exhausted_reason: str | None = None  # why, when the wrapped strategy says (client-level DP)
 
     # -- hooks -------------------------------------------------------------------------------
     def summary(self) -> None:
@@ -86,7 +87,9 @@ class LedgerStrategy(Strategy):
             for m in self.inner.configure_train(server_round, arrays, config, grid)
             if self._can_train(m.metadata.dst_node_id)
         ]
-        self.exhausted = not messages
+        # a client-level DP wrapper may sample no client (Poisson) and still release the noised model
+        self.exhausted = not messages and not getattr(self.inner, "empty_sample", False)
+        self.exhausted_reason = getattr(self.inner, "exhausted_reason", None) if self.exhausted else None
         return messages
 
     def _accept(self, server_round: int, message: Message) -> bool:
@@ -146,7 +149,7 @@ class LedgerStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and record each reply, then aggregate the accepted ones with the wrapped strategy."""
         accepted = [self._in_reference_order(m) for m in replies if self._accept(server_round, m)]
-        if not accepted:
+        if not accepted and not getattr(self.inner, "aggregates_empty_rounds", False):
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)

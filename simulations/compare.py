@@ -88,13 +88,17 @@ def cell_row(
             "examples_processed": expected,
             "seconds": float(summary.get("seconds", math.nan)),
             "client_epsilons": [_finite_or_inf(c.get("epsilon_certified")) for c in clients],
+            "client_level_epsilon": _finite_or_inf(summary.get("client_level_epsilon")),
             "rejected_updates": len(summary.get("rejected_updates", [])),
             "status": "stopped early" if summary.get("stopped_early") else "ok",
             "error": "",
         }
     )
+    sampled = config.sampled_clients < config.clients  # client-level DP's Poisson sampling: fewer is the plan
     short = [
-        int(r["round"]) for r in summary["rounds"][1:] if int(r.get("clients_trained", config.clients)) < config.clients
+        int(r["round"])
+        for r in summary["rounds"][1:]
+        if not sampled and int(r.get("clients_trained", config.clients)) < config.clients
     ]
     if row["rejected_updates"] or short:
         # e.g. a worker killed by Ray's out-of-memory monitor: the cell did not train what it planned

@@ -33,6 +33,7 @@ CSV_COLUMNS = (
     "delta",
     "epsilon_certified",
     "epsilon_estimate",
+    "client_level_epsilon",
     "metric",
     "value",
     "accuracy",

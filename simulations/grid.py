@@ -256,6 +256,8 @@ class GridSpec:
                 "local_steps": steps,
                 **own,
                 "clients": 1,
+                "client_level_epsilon": math.inf,  # one client: no client-level DP (a centralized cell is record-level)
+                "clients_per_round": None,
                 "partition": "iid",
                 "epsilon": cell.epsilon,
                 "seed": cell.seed,

@@ -11,7 +11,11 @@ Built in (``available_accountants()``):
 ``prv``
     Opacus' privacy random variable accountant (Gopi et al. 2021), one direction (estimate).
 ``pld``
-    dp_accounting's privacy loss distribution accountant, pessimistic (certified upper bound).
+    dp_accounting's privacy loss distribution accountant, pessimistic (certified upper bound); the
+    fine-grid (1e-4) reference.
+``pld-fast``
+    The same pessimistic connect-the-dots PLD, vectorised on a grid scaled to the privacy loss
+    (certified upper bound, within ~0.1% of ``pld``, 10-100x faster); fedtune's certifier.
 """
 
 from fedtune.privacy.accountants.base import (
@@ -24,6 +28,7 @@ from fedtune.privacy.accountants.base import (
     register_accountant,
 )
 from fedtune.privacy.accountants.edgeworth import EdgeworthAccountant
+from fedtune.privacy.accountants.fast_pld import FastPLDAccountant
 from fedtune.privacy.accountants.reference import PLDAccountant, PRVAccountant, RDPAccountant, to_dp_event
 from fedtune.privacy.accountants.saddlepoint import SaddlePointAccountant
 
@@ -36,6 +41,7 @@ __all__ = [
     "get_accountant",
     "register_accountant",
     "EdgeworthAccountant",
+    "FastPLDAccountant",
     "SaddlePointAccountant",
     "PLDAccountant",
     "PRVAccountant",

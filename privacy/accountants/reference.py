@@ -2,8 +2,10 @@
 
 ``pld`` is fedtune's certified reference: dp_accounting's privacy loss distribution accountant
 (Koskela et al. 2020; Doroshenko et al. 2022, arXiv 2207.04380) with pessimistic discretisation,
-both neighbouring directions. ``rdp`` is a certified but looser bound (Mironov et al. 2019, with the
-RDP-to-DP conversion of Balle et al. 2020). ``prv`` is Opacus' PRV accountant (Gopi et al. 2021); it
+both neighbouring directions. fedtune certifies with ``pld-fast`` (:func:`certifier`,
+:mod:`fedtune.privacy.accountants.fast_pld`): the same algorithm, vectorised, on a loss-scaled grid.
+``rdp`` is a certified but looser bound (Mironov et al. 2019, with the RDP-to-DP conversion of Balle
+et al. 2020). ``prv`` is Opacus' PRV accountant (Gopi et al. 2021); it
 models only the remove direction, so fedtune labels it an estimate.
 """
 
@@ -70,7 +72,7 @@ class PLDAccountant(Accountant):
 
 
 class AdaptivePLDAccountant(PLDAccountant):
-    """PLD with a loss grid refined to the size of epsilon: certified, tight, and fast.
+    """PLD with a loss grid refined to the size of epsilon: certified and tight (the certifier before issue 12).
 
     A first pass at step :data:`CERTIFIER_DISCRETIZATION` gives a certified ``eps0``; a second pass at
     step ``clip(eps0 * 1e-4, 2e-5, 1e-3)`` gives a tighter certified value (its slack is then about
@@ -101,11 +103,17 @@ class AdaptivePLDAccountant(PLDAccountant):
         return PLDAccountant(self._step(epsilon))._delta(composition, epsilon)
 
 
-def certifier() -> PLDAccountant:
-    """The certifying accountant: dp_accounting PLD, pessimistic, both directions, adaptive grid."""
-    acc = AdaptivePLDAccountant()
-    acc.name = "pld"  # type: ignore[misc]
-    return acc
+def certifier() -> Accountant:
+    """The certifying accountant: ``pld-fast``, a pessimistic connect-the-dots PLD, both directions.
+
+    :class:`~fedtune.privacy.accountants.fast_pld.FastPLDAccountant` (issue 12): a certified upper
+    bound within about 0.1% of the fine-grid dp_accounting ``pld`` and 10-100x faster. Before issue 12
+    this was :class:`AdaptivePLDAccountant` (dp_accounting on an epsilon-adaptive grid, 0.1-6 s a query),
+    which stays available and answers whenever ``pld-fast`` cannot set up its grid.
+    """
+    from fedtune.privacy.accountants.base import get_accountant
+
+    return get_accountant("pld-fast")
 
 
 def to_dp_event(composition: Composition):  # type: ignore[no-untyped-def]

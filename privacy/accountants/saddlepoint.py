@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _FLIP = np.array([1.0, -1.0, 1.0, -1.0, 1.0])
 #: Below this many expected tilted inclusions the expansion is not trusted (measured: see
-#: docs/benchmarks.md); the accountant then answers with the certified ``pld`` value instead.
+#: docs/benchmarks.md); the accountant then answers with the certifier's value (``pld-fast``) instead.
 MIN_TILTED_INCLUSIONS = 8.0
 #: Nor when its O(1/T) correction exceeds this fraction of the leading term.
 MAX_RELATIVE_CORRECTION = 0.3
@@ -142,7 +142,7 @@ class SaddlePointAccountant(Accountant):
     Where the expansion is outside its domain (fewer than :data:`MIN_TILTED_INCLUSIONS` expected
     record inclusions under the tilted measure, which happens when ``q * steps`` is small; a
     correction term larger than :data:`MAX_RELATIVE_CORRECTION` of the leading term; or a
-    non-positive delta from the expansion) the accountant answers with the certified ``pld`` value
+    non-positive delta from the expansion) the accountant answers with the certifier's (``pld-fast``) value
     instead of a wrong estimate, and counts it in :attr:`fallbacks`. Measured accuracy and the
     fallback region are in docs/benchmarks.md.
     """
@@ -154,7 +154,7 @@ class SaddlePointAccountant(Accountant):
 
     def _fallback(self, why: str) -> Accountant:
         self.fallbacks += 1
-        log.debug("saddle point not trusted here (%s); answering with the certified pld value", why)
+        log.debug("saddle point not trusted here (%s); answering with the certifier's value", why)
         return certifier()
 
     def _epsilon(self, composition: Composition, delta: float) -> float:

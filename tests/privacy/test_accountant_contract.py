@@ -45,6 +45,8 @@ TOLERANCES = {
     "edgeworth1": Tol(vs_pld=0.10, compose_rel=1e-9, inverse_eps_abs=0.0, inverse_rel=1e-6),
     "rdp": Tol(vs_pld=0.20, compose_rel=1e-9, inverse_eps_abs=0.0, inverse_rel=1e-6),
     "pld": Tol(vs_pld=0.005, compose_rel=1e-6, inverse_eps_abs=0.0, inverse_rel=1e-6),
+    # one discrete PLD per composition (the grid depends on it, not on delta or epsilon): exact inverses
+    "pld-fast": Tol(vs_pld=0.005, compose_rel=1e-9, inverse_eps_abs=0.0, inverse_rel=1e-9),
     # Opacus' PRV get_epsilon returns the upper end of its eps_error = 0.01 window, so the round trip
     # through delta is off by up to ~eps_error in epsilon (a few % in delta at delta ~ 1e-5).
     "prv": Tol(vs_pld=0.02, compose_rel=1e-6, inverse_eps_abs=0.02, inverse_rel=1e-6, inverse_delta_rel=0.15),

@@ -15,15 +15,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import flower_fakes
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.config import RunConfig
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.protocol import ClientReply, reply_message, to_record
+from fedtune.protocol import to_record
 from fedtune.server.app import Checkpointer, resume_run
 from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.server.optimizers import load_strategy_state, make_strategy, strategy_state
@@ -57,41 +57,9 @@ def update(rnd: int, node: int) -> dict[str, np.ndarray]:
     return {k: rng.normal(0.5, 1.0, size=s).astype(np.float32) for k, s in SHAPES.items()}
 
 
-class FakeGrid:
-    """A Grid of ``nodes`` that answer every train message with :func:`update` and their example counts."""
-
-    def __init__(self, nodes: Iterable[int] = NODES) -> None:
-        self.nodes = list(nodes)
-        self._sent = 0
-        self._outbox: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def answer(self, messages: Iterable[Message]) -> list[Message]:
-        """The replies, in node order (so float sums are the same in every run)."""
-        replies = []
-        for message in sorted(messages, key=lambda m: m.metadata.dst_node_id):
-            self._sent += 1
-            message.metadata.__dict__["_message_id"] = f"m{self._sent}"
-            node = message.metadata.dst_node_id
-            rnd = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
-            TaskIdentity.node_id = node
-            reply = ClientReply(f"c{node}", EXAMPLES[node], dp=False, steps=1)
-            replies.append(reply_message(message, reply, {}, update(rnd, node)))
-        TaskIdentity.node_id = 0
-        return replies
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        messages = list(messages)
-        self._outbox = self.answer(messages)
-        return [m.metadata.message_id for m in messages]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        wanted = set(message_ids)
-        replies = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
-        self._outbox = [r for r in self._outbox if r not in replies]
-        return replies
+def FakeGrid(nodes: Iterable[int] = NODES) -> flower_fakes.FakeGrid:  # noqa: N802 - reads as the class it builds
+    """A grid of ``nodes`` that answer every train message with :func:`update` and their example counts."""
+    return flower_fakes.FakeGrid(nodes, update, EXAMPLES)
 
 
 def config(name: str, **changes: Any) -> RunConfig:

@@ -1,6 +1,7 @@
 """End to end: the real ``fedtune simulate`` command on Flower's Ray simulation engine.
 
-Two clients, two rounds, the real all-MiniLM-L6-v2 on a real SST-2 slice. One uninterrupted run
+Two clients, two rounds, the real all-MiniLM-L6-v2 on a real SST-2 slice, with record-level DP on
+the clients and client-level DP on the server (both pillars in one run). One uninterrupted run
 checks every output; a second run is SIGKILLed after its first checkpoint and resumed, and its
 privacy ledgers must equal the uninterrupted run's (nothing counted twice, nothing lost).
 """
@@ -43,6 +44,10 @@ ARGS = [
     "16",
     "--seed",
     "3",
+    "--client-level-epsilon",
+    "10",
+    "--update-clipping-norm",
+    "0.01",
 ]
 
 
@@ -92,6 +97,11 @@ def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.Com
         assert 0 < client["epsilon_certified"] <= 8.0  # certified, within budget
         assert abs(client["epsilon"] - client["epsilon_certified"]) < 0.1 * 8.0
     assert summary["composed_epsilon"] == max(c["epsilon_certified"] for c in summary["clients"])
+    level = summary["client_level"]  # the server's noise: one release per round, every client in each
+    assert 0 < summary["client_level_epsilon"] == level["epsilon_certified"] <= 10.0
+    assert level["server_releases"] == 2 and level["sampling_rate"] == 1.0 and level["clipping_norm"] == 0.01
+    assert level["noise_std"] == pytest.approx(level["noise_multiplier"] * 0.01 / 2)
+    assert summary["rounds"][-1]["client_level_epsilon"] == summary["client_level_epsilon"]
     assert summary["bytes_per_round"] > 0 and summary["rounds"][1]["bytes_sent"] == 2 * summary["bytes_per_round"]
     assert any("subsampled" in note for note in summary["notes"])
     lines = (out / "metrics.csv").read_text().strip().splitlines()
@@ -99,6 +109,7 @@ def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.Com
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the printed table names every client and the composed epsilon
     assert "composed record-level epsilon" in result.stdout and "final accuracy" in result.stdout
+    assert "client-level epsilon (server noise over 2 rounds" in result.stdout
     assert "sigma" in result.stdout and "majority-class rate" in result.stdout and "not repeatable" in result.stdout
     # quiet by default: fedtune's lines only, no library chatter
     for noise in ("alembic", "DEPRECATED", "fraction_evaluate", "FutureWarning", "DEBUG"):
@@ -155,10 +166,9 @@ def test_killed_run_resumes_with_the_same_ledger(
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(glue_dir))
     assert main(["simulate", *ARGS, "--out", str(out)]) == 2  # never overwrite a run silently: --resume is needed
     fedtune("simulate", "--resume", str(out), data=glue_dir)
-    assert (
-        PrivacyLedger.load(out / "ledger.json").to_dict()["entries"]
-        == PrivacyLedger.load(reference / "ledger.json").to_dict()["entries"]
-    )
+    for part in ("entries", "server_events"):  # record-level and client-level events, each counted once
+        got = PrivacyLedger.load(out / "ledger.json").to_dict()[part]
+        assert got == PrivacyLedger.load(reference / "ledger.json").to_dict()[part] and got
     for cid in ("0", "1"):
         got = PrivacyLedger.load(out / "clients" / f"client-{cid}" / "ledger.json").to_dict()["entries"]
         want = PrivacyLedger.load(reference / "clients" / f"client-{cid}" / "ledger.json").to_dict()["entries"]
@@ -180,6 +190,9 @@ def test_killed_run_resumes_with_the_same_ledger(
         (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
         (["--resume", "/"], "no run in this folder"),
         (["--dp-randomness", "weak"], "dp-randomness"),
+        (["--client-level-epsilon", "0"], "--client-level-epsilon"),
+        (["--clients-per-round", "9"], "clients_per_round must be in [1, clients = 8], got 9"),
+        (["--client-level-epsilon", "4", "--server-optimizer", "fedadam"], "server_optimizer must be fedavg"),
     ],
 )
 def test_bad_input_is_refused_before_training(
