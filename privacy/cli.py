@@ -214,6 +214,7 @@ def _ledger(args: argparse.Namespace) -> int:
                     "clients": rows,
                     "composed_epsilon": composed,
                     "client_level_epsilon": client_level,
+                    "server_events": [{"round": r, **e.to_dict()} for r, e in ledger.server_events().items()],
                 },
                 indent=2,
             )
@@ -226,7 +227,14 @@ def _ledger(args: argparse.Namespace) -> int:
             [[r["id"], r["rounds"], r["steps"], r["examples"], r["epsilon"], r["epsilon_certified"]] for r in rows],
         )
     )
-    print(f"\ncomposed record-level epsilon (max over clients, certified): {composed:.4f}")
+    print(
+        f"\ncomposed record-level epsilon (max over clients, certified): {composed:.4f}"
+        "  -- protects one training example"
+    )
     if client_level is not None:
-        print(f"client-level epsilon (server noise, certified): {client_level:.4f}")
+        releases = len(ledger.server_events())
+        print(
+            f"client-level epsilon (server noise over {releases} rounds, certified): {client_level:.4f}"
+            "  -- protects a client's whole contribution"
+        )
     return 0

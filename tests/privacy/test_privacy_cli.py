@@ -176,6 +176,13 @@ def test_ledger_json_with_another_accountant_and_delta(capsys, ledger_path):
     assert data["clients"][0]["epsilon_certified"] == led.certified_epsilon("alice")
     assert data["composed_epsilon"] == led.composed_epsilon()
     assert data["client_level_epsilon"] == led.client_level_epsilon() > 0
+    assert data["server_events"] == [{"round": 0, "sampling_rate": 0.1, "noise_multiplier": 1.0, "steps": 1}]
+    # the table labels each guarantee with what it protects
+    led.save()
+    code, out, _ = run(capsys, "privacy", "ledger", str(ledger_path))
+    assert "protects one training example" in out
+    assert f"client-level epsilon (server noise over 1 rounds, certified): {led.client_level_epsilon():.4f}" in out
+    assert "protects a client's whole contribution" in out
 
 
 # -- bad input ----------------------------------------------------------------------------------
