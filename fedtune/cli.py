@@ -5,6 +5,7 @@ sub-commands                 what                                               
 ===========================  ===================================================  ==========================
 simulate, centralized,       experiments on Flower's simulation engine (Ray)      ``fedtune.simulations.cli``
 compare
+audit                        an empirical privacy audit of a simulate run         ``fedtune.simulations.audit``
 server, certs                the server side of a networked deployment            ``fedtune.server.cli``
 client, keys, partition      the client side of a networked deployment            ``fedtune.client.cli``
 privacy                      calibrate, account, read ledgers                     ``fedtune.privacy.cli``
@@ -32,6 +33,7 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 #: Modules whose ``add_parsers(subparsers)`` registers sub-commands, in ``--help`` order.
 COMMAND_MODULES: tuple[str, ...] = (
     "fedtune.simulations.cli",
+    "fedtune.simulations.audit",
     "fedtune.server.cli",
     "fedtune.client.cli",
     "fedtune.privacy.cli",
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = getattr(args, "out", None) if not getattr(args, "resume", None) else args.resume
         hint = (
             f"; finished rounds are kept: `fedtune {args.command} --resume {out}` continues"
-            if out and args.command in ("simulate", "centralized", "compare")
+            if out and args.command in ("simulate", "centralized", "compare", "audit")
             else ""
         )
         print(f"fedtune: interrupted{hint}", file=sys.stderr)

@@ -21,7 +21,11 @@ from typing import Any
 
 from fedtune.config import RunConfig
 
-__all__ = ["Workload", "build_template", "cache_key", "get_workload", "local_plan"]
+__all__ = ["CANARY_DIR", "Workload", "build_template", "cache_key", "get_workload", "local_plan"]
+
+#: A shard folder (:mod:`fedtune.data.shards` format) in a run's ``--out`` folder whose examples client 0
+#: trains on besides its own shard: the included canaries of ``fedtune audit`` (fedtune.simulations.audit).
+CANARY_DIR = "canaries"
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,8 @@ class Workload:
     _eval: Any = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, config: RunConfig) -> Workload:
+    def build(cls, config: RunConfig, canaries: str | None = None) -> Workload:
+        """Load and split the data of ``config``; ``canaries``: a shard folder appended to client 0's shard."""
         from fedtune.data import load_glue, make_collator, parse_partition_spec, partition_dataset
 
         data = load_glue(
@@ -96,6 +101,12 @@ class Workload:
             shards = partition_dataset(
                 data.train, config.clients, spec.scheme, alpha, config.seed, min_partition_size=config.min_shard_size
             )
+        if canaries is not None:
+            from datasets import concatenate_datasets
+
+            from fedtune.data.shards import read_shard
+
+            shards[0] = concatenate_datasets([shards[0], read_shard(canaries, data.spec)])
         template, tokenizer = build_template(config, data.spec.num_labels)
         return cls(config, data, shards, tokenizer, make_collator(tokenizer), template)
 
@@ -191,13 +202,18 @@ def cache_key(config: RunConfig, *, data: bool = True) -> RunConfig:
 
 
 @lru_cache(maxsize=4)
-def _cached(key: RunConfig) -> Workload:
-    return Workload.build(key)
+def _cached(key: RunConfig, canaries: str | None = None) -> Workload:
+    return Workload.build(key, canaries)
 
 
 def get_workload(config: RunConfig) -> Workload:
-    """The process-wide :class:`Workload` for ``config`` (built on first use)."""
-    workload = _cached(cache_key(config))
+    """The process-wide :class:`Workload` for ``config`` (built on first use).
+
+    If the run folder holds :data:`CANARY_DIR` (written by ``fedtune audit`` before the run starts),
+    client 0's shard also holds its examples.
+    """
+    canaries = config.out_dir / CANARY_DIR
+    workload = _cached(cache_key(config), str(canaries.resolve()) if canaries.is_dir() else None)
     if workload.config != config:
         workload = copy.copy(workload)
         workload.config = config

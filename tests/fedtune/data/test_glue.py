@@ -274,6 +274,9 @@ def test_hub_dataset_is_normalised(glue_dir: Path, monkeypatch: pytest.MonkeyPat
         return hub
 
     monkeypatch.setattr(glue_mod.datasets, "load_dataset", fake)
+    monkeypatch.setattr("fedtune.io.hub_reachable", lambda timeout=2.0: True)  # the hub is faked: no network probe
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     data = load_glue("mnli", max_train_examples=30)
     assert calls == [("nyu-mll/glue", "mnli")]
     assert data.source == "hub" and data.data_dir is None
