@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client.job import train_round
 from fedtune.client.node import DATA_PATH_KEY
+from fedtune.client.secure import is_secure_message, secure_train
 from fedtune.config import RunConfig
 
 __all__ = ["make_client_app"]
@@ -24,6 +25,11 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        if is_secure_message(message):  # a stage of Flower's SecAgg+ (secure_aggregation): client/secure.py
+            return secure_train(message, context, plain)
+        return plain(message, context)
+
+    def plain(message: Message, context: Context) -> Message:
         if config is None and DATA_PATH_KEY in context.node_config:  # a SuperNode started by `fedtune client`
             from fedtune.client.deployed import train_deployed
 

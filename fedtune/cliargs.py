@@ -241,6 +241,47 @@ def add_run_options(
             help="expected clients per round M under client-level DP: each client takes part with "
             "probability M / clients (Poisson sampling, amplifies privacy) (default: every client)",
         )
+        parser.add_argument(
+            "--secure-aggregation",
+            action=argparse.BooleanOptionalAction,
+            default=d.secure_aggregation,
+            help="Flower's SecAgg+: clients send masked updates and the server learns only their weighted sum "
+            "(needs --server-optimizer fedavg; docs/privacy.md) (default off)",
+        )
+        parser.add_argument(
+            "--secagg-num-shares",
+            type=float,
+            default=d.secagg_num_shares,
+            help="SecAgg+ shares per client: a fraction in (0, 1] of the round's clients or an integer >= 3 "
+            f"(default {d.secagg_num_shares:g}: every client)",
+        )
+        parser.add_argument(
+            "--secagg-reconstruction-threshold",
+            type=float,
+            default=d.secagg_reconstruction_threshold,
+            help="shares that reconstruct a dropped client's secret: a fraction in (0, 1] of the shares or an "
+            "integer >= 2 (default 2/3: a strict majority)",
+        )
+        parser.add_argument(
+            "--secagg-clipping-range",
+            type=float,
+            default=d.secagg_clipping_range,
+            help="each coordinate of a client's weighted update is clipped to [-R, R] before quantization "
+            f"(default {d.secagg_clipping_range:g})",
+        )
+        parser.add_argument(
+            "--secagg-quantization-range",
+            type=int,
+            default=d.secagg_quantization_range,
+            help="integer levels per coordinate; clients x levels must stay <= 2**32 (default 2**22)",
+        )
+        parser.add_argument(
+            "--secagg-max-weight",
+            type=float,
+            default=None,
+            help="largest client weight (examples) SecAgg+ carries without overflow (default: the largest shard "
+            "in a simulation, 100000 in a deployment; 1 under client-level DP)",
+        )
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
     parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help=f"LoRA alpha (default {d.lora_alpha:g})")
     parser.add_argument(

@@ -57,6 +57,18 @@ def _non_negative(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+#: SecAgg+ arithmetic is modulo 2**32 (Flower's default ``modulus_range``).
+_SECAGG_MODULUS = 2**32
+
+
+def _share_count(name: str, value: object, *, smallest: int) -> None:
+    """A fraction in (0, 1], or an integer >= ``smallest`` (Flower's ``num_shares`` / ``reconstruction_threshold``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a fraction in (0, 1] or an integer >= {smallest}, got {value!r}")
+    if value > 1 and (value != int(value) or value < smallest):
+        raise ValueError(f"{name} must be a fraction in (0, 1] or an integer >= {smallest}, got {value!r}")
+
+
 def _boolean(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be true or false, got {value!r}")
@@ -151,6 +163,33 @@ class RunConfig:
         Expected clients per round M under client-level DP: each of the K clients takes part
         independently with probability M / K (Poisson sampling, which the accountants model).
         None = every client, every round (no amplification).
+    secure_aggregation : bool
+        Secure aggregation with Flower's SecAgg+ (Bell et al., CCS 2020; after Bonawitz et al., CCS
+        2017): each client sends its update masked, and the server learns only the weighted sum of
+        the round's updates (:mod:`fedtune.server.secure`). Needs ``clients >= 2`` and
+        ``server_optimizer = fedavg``; with client-level DP, every client in every round.
+    secagg_num_shares : float
+        SecAgg+ share graph: each client splits its secrets into this many shares, one per
+        neighbour. A number in (0, 1] is a fraction of the round's clients (1.0, the default: every
+        client, SecAgg's complete graph, right for a few to a few dozen clients); an integer >= 3 is
+        a fixed count (Bell et al.'s sparse graph, ``O(log n)``, for large federations).
+    secagg_reconstruction_threshold : float
+        Shares needed to reconstruct a secret: a fraction in (0, 1] of ``secagg_num_shares`` (default
+        2/3: a strict majority of the neighbours for every round size >= 3, as an active server
+        needs a majority to be denied both secrets of one client) or an integer >= 2. A round
+        survives as long as every client keeps this many live neighbours.
+    secagg_clipping_range : float
+        Each coordinate of a client's weighted update is clipped to ``[-range, range]`` before it is
+        quantized (a client-side bound the server can no longer check); default 8.
+    secagg_quantization_range : int
+        Integers per coordinate after quantization (default 2**22: a step of ``2 * range / 2**22``,
+        about 4e-6 at range 8). ``clients * secagg_quantization_range`` must stay <= 2**32, the
+        modulus, or the masked sum overflows.
+    secagg_max_weight : float or None
+        Largest FedAvg weight (a client's example count) SecAgg+ can carry without overflow; a
+        client's weight is sent as ``round(N / max_weight * secagg_quantization_range)``. None (the
+        default): the largest shard in a simulation, 100,000 in a deployment; under client-level
+        DP the weights are all 1 and this is 1.
     lora_rank, lora_alpha, lora_dropout, lora_targets : LoRA settings (targets: comma-separated or "").
     ffa_lora : bool
         FFA-LoRA: LoRA ``A`` frozen at its shared seeded init, only ``B`` and the head train
@@ -206,6 +245,12 @@ class RunConfig:
     client_level_epsilon: float = math.inf
     update_clipping_norm: float = 1.0
     clients_per_round: int | None = None
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 2.0 / 3.0
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 2**22
+    secagg_max_weight: float | None = None
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -275,6 +320,7 @@ class RunConfig:
                     "client-level DP adds its noise to FedAvg's mean (Flower's DP strategy wrappers), so "
                     f"server_optimizer must be fedavg, got {self.server_optimizer!r}"
                 )
+        self._check_secure_aggregation()
         _boolean("ffa_lora", self.ffa_lora)
         _positive_int("lora_rank", self.lora_rank)
         _positive_float("lora_alpha", self.lora_alpha)
@@ -293,6 +339,46 @@ class RunConfig:
             raise ValueError(
                 "cpus_per_client must be > 0 and gpus_per_client >= 0, "
                 f"got {self.cpus_per_client!r}, {self.gpus_per_client!r}"
+            )
+
+    def _check_secure_aggregation(self) -> None:
+        """SecAgg+ settings (Flower's ``SecAggPlusWorkflow`` ranges) and what secure aggregation can run with."""
+        _boolean("secure_aggregation", self.secure_aggregation)
+        _share_count("secagg_num_shares", self.secagg_num_shares, smallest=3)
+        _share_count("secagg_reconstruction_threshold", self.secagg_reconstruction_threshold, smallest=2)
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares > 1 and threshold > 1 and threshold >= shares:
+            raise ValueError(
+                f"secagg_reconstruction_threshold must be below secagg_num_shares = {shares:g}, got {threshold:g}"
+            )
+        _positive_float("secagg_clipping_range", self.secagg_clipping_range)
+        q = self.secagg_quantization_range
+        if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q < _SECAGG_MODULUS:
+            raise ValueError(f"secagg_quantization_range must be an integer in [2, 2**32), got {q!r}")
+        if self.secagg_max_weight is not None:
+            _positive_float("secagg_max_weight", self.secagg_max_weight)
+        if not self.secure_aggregation:
+            return
+        if self.clients < 2:
+            raise ValueError(
+                f"secure aggregation sums the updates of several clients: clients must be >= 2, got {self.clients}"
+            )
+        if self.clients * q > _SECAGG_MODULUS:
+            raise ValueError(
+                f"clients * secagg_quantization_range must be <= 2**32 (the SecAgg+ modulus) or the masked sum "
+                f"overflows; got {self.clients} * {q} (lower secagg_quantization_range to <= "
+                f"{_SECAGG_MODULUS // self.clients})"
+            )
+        if self.server_optimizer != "fedavg":
+            raise ValueError(
+                "secure aggregation gives the server only FedAvg's weighted mean of the updates, so server_optimizer "
+                f"must be fedavg, got {self.server_optimizer!r}"
+            )
+        if self.client_level and self.sampled_clients != self.clients:
+            raise ValueError(
+                "secure aggregation with client-level DP runs Flower's client-side clipping wrapper, which is "
+                f"accounted with every client in every round: clients_per_round must be None or {self.clients}, "
+                f"got {self.clients_per_round}"
             )
 
     # -- derived -----------------------------------------------------------------------------
@@ -384,6 +470,7 @@ class RunConfig:
             "physical_batch_size",
             "learning_rate",
             "clients_per_round",
+            "secagg_max_weight",
         }
         data: dict[str, Any] = {}
         for key, value in run_config.items():
@@ -408,6 +495,10 @@ class RunConfig:
             "server_learning_rate",
             "server_momentum",
             "update_clipping_norm",
+            "secagg_num_shares",
+            "secagg_reconstruction_threshold",
+            "secagg_clipping_range",
+            "secagg_max_weight",
         ):
             if isinstance(data.get(name), int) and not isinstance(data.get(name), bool):
                 data[name] = float(data[name])

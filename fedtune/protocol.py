@@ -12,6 +12,14 @@ Client to server
     with ``num-examples`` (Flower's FedAvg weights by it) and training measurements; ``"arrays"``:
     the update, absent from a refusal.
 
+Under secure aggregation (``secure_aggregation``, Flower's SecAgg+) the update travels as Flower's
+legacy ``FitIns``/``FitRes`` records, because that is what ``SecAggPlusWorkflow`` and
+``secaggplus_mod`` exchange: the ``FitIns`` config carries ``server-round``, the arrays' names
+(:data:`SECURE_KEYS_KEY`) and how the client weighs its update (:data:`SECURE_WEIGHT_KEY`); the
+``FitRes`` carries the masked update, and its metrics carry the :class:`ClientReply` under
+:data:`PRIVACY_PREFIX` (:func:`secure_metrics`, :func:`split_secure_metrics`), so the privacy event
+reaches the server's ledger in the clear while the update does not.
+
 The run settings travel in Flower's ``run_config``: the :class:`~fedtune.config.RunConfig` keys plus
 the deployment options of :class:`DeployOptions` (:func:`split_run_config` separates them).
 
@@ -40,11 +48,18 @@ __all__ = [
     "METRICS_KEY",
     "PRIVACY_KEY",
     "SERVER_ROUND_KEY",
+    "PRIVACY_PREFIX",
+    "SECURE_KEYS_KEY",
+    "SECURE_WEIGHT_KEY",
+    "WEIGHT_EXAMPLES",
+    "WEIGHT_UNIFORM",
     "STATUS_OK",
     "STATUS_REFUSED",
     "ClientReply",
     "DeployOptions",
     "reply_message",
+    "secure_metrics",
+    "split_secure_metrics",
     "split_run_config",
     "to_record",
     "to_state",
@@ -66,6 +81,16 @@ STATUS_OK = "ok"
 #: The client declined; :attr:`ClientReply.reason` says why.
 STATUS_REFUSED = "refused"
 _STATUSES = (STATUS_OK, STATUS_REFUSED)
+#: Secure aggregation: ``FitIns`` config key of the arrays' names, newline-separated (legacy
+#: ``Parameters`` are a list without names).
+SECURE_KEYS_KEY = "array-keys"
+#: Secure aggregation: ``FitIns`` config key of the FedAvg weight the client masks with its update.
+SECURE_WEIGHT_KEY = "secure-weight"
+#: ... its values: the client's example count (FedAvg), or 1 (client-level DP: equal weights).
+WEIGHT_EXAMPLES = "examples"
+WEIGHT_UNIFORM = "uniform"
+#: Secure aggregation: prefix of the :class:`ClientReply` fields inside the legacy ``FitRes`` metrics.
+PRIVACY_PREFIX = "privacy."
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,25 @@ def reply_message(
     if update is not None:
         content[ARRAYS_KEY] = to_record(update)
     return Message(content, reply_to=message)
+
+
+def secure_metrics(privacy: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """A legacy ``FitRes.metrics`` dict carrying the client's metrics and its :class:`ClientReply` record.
+
+    SecAgg+ masks the ``FitRes`` parameters only; these metrics reach the server in the clear.
+    """
+    out: dict[str, bool | int | float | str] = {
+        k: v for k, v in metrics.items() if isinstance(v, (bool, int, float, str)) and not k.startswith(PRIVACY_PREFIX)
+    }
+    out.update({PRIVACY_PREFIX + k: v for k, v in privacy.items()})
+    return out
+
+
+def split_secure_metrics(metrics: Mapping[str, Any]) -> tuple[ConfigRecord | None, dict[str, Any]]:
+    """Inverse of :func:`secure_metrics`: the :class:`ClientReply` record (None if absent) and the other metrics."""
+    privacy = {k[len(PRIVACY_PREFIX) :]: v for k, v in metrics.items() if k.startswith(PRIVACY_PREFIX)}
+    rest = {k: v for k, v in metrics.items() if not k.startswith(PRIVACY_PREFIX)}
+    return (ConfigRecord(privacy) if privacy else None), rest
 
 
 def to_record(state: Mapping[str, Any]) -> ArrayRecord:

@@ -3,7 +3,8 @@
 :func:`run_server` assembles a :class:`fedtune.server.run.ServerRun` (the loop) from its parts: the
 strategy (Flower's FedAvg, FedAvgM, FedAdam or FedYogi, :mod:`fedtune.server.optimizers`, wrapped
 by :class:`~fedtune.server.strategy.LedgerStrategy`), how rounds are played (all clients in a
-simulation, a quorum in a deployment), the central evaluation, and the callbacks that persist each
+simulation, a quorum in a deployment; under ``secure_aggregation`` each round is Flower's SecAgg+,
+:mod:`fedtune.server.secure`), the central evaluation, and the callbacks that persist each
 round.
 
 Outputs in ``OUT/``, all written atomically after *every* round (an interrupted run keeps them):
@@ -35,7 +36,15 @@ from fedtune.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from fedtune.server.client_dp import ClientLevelDP, wrap_client_level
 from fedtune.server.optimizers import load_strategy_state, make_strategy, strategy_state
 from fedtune.server.quorum import QuorumRounds
-from fedtune.server.run import PlainRounds, RoundResult, ServerCallback, ServerRun, array_bytes
+from fedtune.server.run import PlainRounds, RoundResult, Rounds, ServerCallback, ServerRun, array_bytes
+from fedtune.server.secure import (
+    SecureAggregation,
+    SecureClientLevelDP,
+    SecureQuorumRounds,
+    SecureRounds,
+    client_level_of,
+    secure_summary,
+)
 from fedtune.server.strategy import LedgerStrategy
 from fedtune.workload import get_workload
 
@@ -224,8 +233,8 @@ class RunReport(ServerCallback):
             "stop_reason": run.stop_reason,
             "failed": run.failed,
         }
-        dp = run.strategy.inner
-        if isinstance(dp, ClientLevelDP):
+        dp: Any = client_level_of(run.rounds) or run.strategy.inner  # secure rounds: Flower's client-side wrapper
+        if isinstance(dp, ClientLevelDP | SecureClientLevelDP):
             spent = self.ledger.client_level_epsilon()
             summary["client_level_epsilon"] = 0.0 if spent is None else spent
             summary["client_level"] = {
@@ -239,6 +248,9 @@ class RunReport(ServerCallback):
                 **dp.plan.to_dict(),
             }
             summary["composed_epsilon_protects"] = "one training example (record-level, max over clients)"
+        secure = secure_summary(run.rounds)
+        if secure is not None:
+            summary["secure_aggregation"] = secure
         if self.deployment is not None:
             d = self.deployment
             summary["deployment"] = {
@@ -342,7 +354,22 @@ def run_server(
     atomic_write_json(out / "config.json", config.to_dict())
     ledger = PrivacyLedger.open(out / "ledger.json", config.delta, config.epsilon, config.accountant)
     min_nodes = config.clients if deployment is None else 1  # deployed: the quorum rounds do the waiting, with timeouts
-    inner = wrap_client_level(config, ledger, min_nodes) if config.client_level else make_strategy(config, min_nodes)
+    rounds: Rounds = PlainRounds() if deployment is None else QuorumRounds(deployment, config.clients)
+    if config.secure_aggregation:
+        # SecAgg+ plays the rounds (server/secure.py); the strategy below keeps the ledger and per-client bookkeeping
+        inner = make_strategy(config, min_nodes)
+        shards = workload.shards if deployment is None else []
+        secure = SecureAggregation(
+            config,
+            ledger,
+            largest_shard=max((len(s) for s in shards), default=0) or None,
+            timeout=3600.0 if deployment is None else deployment.round_timeout,
+        )
+        rounds = SecureRounds(secure) if deployment is None else SecureQuorumRounds(secure, deployment, config.clients)
+    elif config.client_level:
+        inner = wrap_client_level(config, ledger, min_nodes)
+    else:
+        inner = make_strategy(config, min_nodes)
     strategy = LedgerStrategy(inner, ledger)
 
     def evaluate_arrays(arrays: ArrayRecord) -> dict[str, Any]:
@@ -357,7 +384,7 @@ def run_server(
         arrays=to_record(get_trainable_state(eval_model)),
         evaluate=evaluate_arrays,
         make_row=_row_maker(metric, config.private, ledger, client_level=config.client_level),
-        rounds=PlainRounds() if deployment is None else QuorumRounds(deployment, config.clients),
+        rounds=rounds,
         callbacks=[Checkpointer(out / "checkpoint"), RoundLog(metric), report],
     )
     if checkpoint is not None:

@@ -58,6 +58,11 @@ class QuorumRounds(Rounds):
         self.quorum = options.quorum(expected_clients)
         self._first: int | None = None
 
+    def attempt(self, run: ServerRun, rnd: int) -> RoundResult | None:
+        """One try at round ``rnd`` (None: no client can train within its budget); secure aggregation
+        overrides it (:class:`fedtune.server.secure.SecureQuorumRounds`)."""
+        return play_round(run.strategy, run.grid, run.arrays, rnd, timeout=self.options.round_timeout, stop=run.stop)
+
     def play(self, run: ServerRun, rnd: int) -> RoundResult | str:
         options, quorum = self.options, self.quorum
         if self._first is None:
@@ -74,7 +79,7 @@ class QuorumRounds(Rounds):
             if connected < wanted:
                 log.warning("round %d: starting with %d of %d clients (min-clients %d)", rnd, connected, wanted, quorum)
             before = strategy_state(run.strategy)  # a failed attempt must not move the server optimizer
-            result = play_round(run.strategy, run.grid, run.arrays, rnd, timeout=options.round_timeout, stop=run.stop)
+            result = self.attempt(run, rnd)
             if result is None:
                 return f"round {rnd}: " + (
                     run.strategy.exhausted_reason or "no client can train within its privacy budget"

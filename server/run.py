@@ -17,7 +17,8 @@ and hands every round to callbacks that persist it, so an interrupted run keeps 
 
 How a round is played is a :class:`Rounds` object: :class:`PlainRounds` (a simulation: all clients,
 one attempt) or :class:`fedtune.server.quorum.QuorumRounds` (a deployment: wait for clients, retry
-a round short of its quorum).
+a round short of its quorum); under secure aggregation their counterparts in
+:mod:`fedtune.server.secure` play each round with Flower's SecAgg+ workflow.
 """
 
 from __future__ import annotations

@@ -99,7 +99,22 @@ class LedgerStrategy(Strategy):
             self.rejected.append({"round": server_round, "node": node, "reason": message.error.reason})
             return False
         content = message.content
-        record = content.config_records.get(PRIVACY_KEY)
+        return self.accept_reply(
+            server_round,
+            node,
+            content.config_records.get(PRIVACY_KEY),
+            content.metric_records.get(METRICS_KEY),
+            list(content.array_records.values()),
+        )
+
+    def accept_reply(
+        self, server_round: int, node: int, record: Any, metrics: Any, arrays: list[ArrayRecord] | None
+    ) -> bool:
+        """Check one reply, record its privacy event in the ledger, and say whether it may be aggregated.
+
+        ``arrays`` None: the update is masked (secure aggregation, :mod:`fedtune.server.secure`), so
+        its keys, shapes and values cannot be checked here; everything else is.
+        """
         if record is None:
             self._reject(server_round, node, "reply carries no privacy record")
             return False
@@ -114,16 +129,16 @@ class LedgerStrategy(Strategy):
             self.refused.add(client)
             self._reject(server_round, node, f"client {client} refused: {reply.reason}")
             return False
-        if len(content.array_records) != 1:
-            self._reject(server_round, node, f"expected one ArrayRecord, got {len(content.array_records)}")
+        if arrays is not None and len(arrays) != 1:
+            self._reject(server_round, node, f"expected one ArrayRecord, got {len(arrays)}")
             return False
         private_run = self.ledger.budget is not None and math.isfinite(self.ledger.budget)
         if private_run and not reply.dp:
             self._reject(server_round, node, f"client {client} sent a non-private update in a private run")
             return False
         try:
-            if self._reference is not None:
-                validate_update(next(iter(content.array_records.values())), self._reference)
+            if self._reference is not None and arrays is not None:
+                validate_update(arrays[0], self._reference)
             if reply.dp:
                 event = SubsampledGaussianEvent(reply.sampling_rate, reply.noise_multiplier, reply.steps)
                 # a conflicting event for a recorded (client, round), e.g. two nodes claiming one id, is refused here
@@ -134,7 +149,7 @@ class LedgerStrategy(Strategy):
                 totals = self.totals.setdefault(client, {"rounds": 0, "steps": 0})
                 totals["rounds"] += 1
                 totals["steps"] += reply.steps
-            _log_client_round(server_round, reply, content.metric_records.get(METRICS_KEY))
+            _log_client_round(server_round, reply, metrics)
         except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
             self._reject(server_round, node, f"client {client}: {err}")
             return False
