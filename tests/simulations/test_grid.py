@@ -236,3 +236,27 @@ def test_bad_centralized_settings_are_refused(item: str, message: str) -> None:
 
     with pytest.raises(ValueError, match=message):
         GridSpec(RunConfig(clients=4), (8.0,), ("iid",), centralized_settings=(item,))
+
+
+def test_a_resumed_non_private_cell_counts_the_examples_of_every_round(tmp_path: Path) -> None:
+    """Without a ledger, a cell's steps come from the plan: a resumed run's summary counts only its last process."""
+    from fedtune.simulations.compare import cell_row
+    from fedtune.workload import local_plan
+
+    base = RunConfig(task="sst2", clients=2, rounds=3, batch_size=8)
+    spec = GridSpec(base, (math.inf,), ("iid",))
+    cell = spec.cells()[1]
+    config = spec.config(cell, tmp_path / "f")
+    steps = local_plan(config, 64)[1]
+    summary = {
+        "metric": "accuracy",
+        "final_accuracy": 0.7,
+        "composed_epsilon": math.inf,
+        "seconds": 3.0,
+        # resumed after round 2: the last process trained one round
+        "clients": [{"epsilon": math.inf, "epsilon_certified": math.inf, "examples": 64, "steps": steps}] * 2,
+        "rounds": [{"round": r, "accuracy": 0.5, "clients_trained": 2 if r else 0} for r in range(4)],
+        "rejected_updates": [],
+    }
+    row = cell_row(cell, config, summary)
+    assert row["status"] == "ok" and row["examples_processed"] == 2 * 3 * steps * 8
