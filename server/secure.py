@@ -349,7 +349,7 @@ class _RoundGrid:
             if reply.has_error():
                 reason = f"secure aggregation, stage {stage}: {reply.error.reason}"
                 self.errors.append(reason)
-                self.strategy._reject(self.server_round, node, reason)
+                self.strategy.reject(self.server_round, node, reason)
                 kept.append(reply)  # Flower's workflow counts it as a dropout
                 continue
             for observe in self.observers:
@@ -373,7 +373,7 @@ class _RoundGrid:
         arrays = [bytes_to_ndarray(b) for b in masked]
         shapes = [tuple(a.shape) for a in arrays[1:]]  # the first array is the masked weight
         if shapes != self.shapes:
-            self.strategy._reject(
+            self.strategy.reject(
                 self.server_round, node, f"masked update has shapes {shapes[:3]}..., expected {self.shapes[:3]}..."
             )
             return False
@@ -446,7 +446,7 @@ class SecureAggregation:
         nodes = list(run.grid.get_node_ids())
         weight = WEIGHT_UNIFORM if self.settings.uniform_weights else WEIGHT_EXAMPLES
         self.mean.reset(
-            {SERVER_ROUND_KEY: rnd, SECURE_KEYS_KEY: "\n".join(keys), SECURE_WEIGHT_KEY: weight}, strategy._can_train
+            {SERVER_ROUND_KEY: rnd, SECURE_KEYS_KEY: "\n".join(keys), SECURE_WEIGHT_KEY: weight}, strategy.can_train
         )
         grid = _RoundGrid(run.grid, rnd, strategy, [a.shape for a in reference], self.timeout, run.stop, self.observers)
         context = self._context(run, rnd, nodes)

@@ -63,7 +63,8 @@ class LedgerStrategy(Strategy):
             "privacy ledger: %s, budget epsilon %s at delta %g", self.ledger.path, self.ledger.budget, self.ledger.delta
         )
 
-    def _can_train(self, node_id: int) -> bool:
+    def can_train(self, node_id: int) -> bool:
+        """Whether the client on ``node_id`` may train another round (unseen nodes check their own budget)."""
         client = self.node_to_client.get(node_id)
         if client is None:
             return True  # not seen yet: the client checks its own budget before training
@@ -85,7 +86,7 @@ class LedgerStrategy(Strategy):
         messages = [
             m
             for m in self.inner.configure_train(server_round, arrays, config, grid)
-            if self._can_train(m.metadata.dst_node_id)
+            if self.can_train(m.metadata.dst_node_id)
         ]
         # a client-level DP wrapper may sample no client (Poisson) and still release the noised model
         self.exhausted = not messages and not getattr(self.inner, "empty_sample", False)
@@ -116,25 +117,25 @@ class LedgerStrategy(Strategy):
         its keys, shapes and values cannot be checked here; everything else is.
         """
         if record is None:
-            self._reject(server_round, node, "reply carries no privacy record")
+            self.reject(server_round, node, "reply carries no privacy record")
             return False
         try:
             reply = ClientReply.from_config_record(record)
         except ValueError as err:
-            self._reject(server_round, node, str(err))
+            self.reject(server_round, node, str(err))
             return False
         client = reply.client_id
         self.node_to_client[node] = client
         if not reply.ok:
             self.refused.add(client)
-            self._reject(server_round, node, f"client {client} refused: {reply.reason}")
+            self.reject(server_round, node, f"client {client} refused: {reply.reason}")
             return False
         if arrays is not None and len(arrays) != 1:
-            self._reject(server_round, node, f"expected one ArrayRecord, got {len(arrays)}")
+            self.reject(server_round, node, f"expected one ArrayRecord, got {len(arrays)}")
             return False
         private_run = self.ledger.budget is not None and math.isfinite(self.ledger.budget)
         if private_run and not reply.dp:
-            self._reject(server_round, node, f"client {client} sent a non-private update in a private run")
+            self.reject(server_round, node, f"client {client} sent a non-private update in a private run")
             return False
         try:
             if self._reference is not None and arrays is not None:
@@ -151,11 +152,12 @@ class LedgerStrategy(Strategy):
                 totals["steps"] += reply.steps
             _log_client_round(server_round, reply, metrics)
         except (InvalidUpdate, ValueError, TypeError, KeyError) as err:
-            self._reject(server_round, node, f"client {client}: {err}")
+            self.reject(server_round, node, f"client {client}: {err}")
             return False
         return True
 
-    def _reject(self, server_round: int, node: int, reason: str) -> None:
+    def reject(self, server_round: int, node: int, reason: str) -> None:
+        """Log and keep a rejected reply (also used by the secure rounds, which see replies first)."""
         log.warning("round %d: rejected the update of node %d: %s", server_round, node, reason)
         self.rejected.append({"round": server_round, "node": node, "reason": reason})
 

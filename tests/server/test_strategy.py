@@ -115,7 +115,7 @@ def test_refusal_is_not_aggregated_and_the_client_is_left_out() -> None:
     agg, _ = strategy.aggregate_train(1, [reply(1, arrays(2.0), 10, status="refused")])
     assert agg is None
     assert "1" in strategy.refused
-    assert not strategy._can_train(1)
+    assert not strategy.can_train(1)
 
 
 def test_client_out_of_budget_is_left_out() -> None:
@@ -127,8 +127,8 @@ def test_client_out_of_budget_is_left_out() -> None:
     for budget, allowed in (((spent + after) / 2, False), (after * 1.01, True)):
         strategy = make_strategy(budget=budget)
         strategy.aggregate_train(1, [reply(1, arrays(1.0), 10, event=event)])
-        assert strategy._can_train(1) is allowed
-    assert strategy._can_train(99)  # unseen clients check their own budget
+        assert strategy.can_train(1) is allowed
+    assert strategy.can_train(99)  # unseen clients check their own budget
 
 
 def test_duplicate_reply_counts_once() -> None:
