@@ -108,9 +108,11 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
         STOP.set()  # the ServerApp thread ends its round loop and returns
+        _silence_flower_workers()
         raise
     except RuntimeError as err:
         if STOP.is_set():
+            _silence_flower_workers()
             raise KeyboardInterrupt from err
         raise
     finally:
@@ -141,6 +143,20 @@ def _wait_for_server_threads(timeout: float) -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("the ServerApp thread did not stop within %.0f s", timeout)
+
+
+def _silence_flower_workers() -> None:
+    """After Ctrl-C, keep Flower's worker threads from printing the actors the shutdown ends.
+
+    Flower's simulation engine runs each client message in a thread that waits on a Ray actor; when
+    an interrupted run shuts Ray down, those threads log the ``ActorDiedError`` of every actor still
+    busy, with a full traceback, at ERROR. That is the interruption itself, not a fault, and the
+    user must see one line saying what was kept. The ``flwr`` logger stays at CRITICAL for the rest
+    of the process (its threads may outlive the run by seconds); ``-v`` shows everything.
+    """
+    flower = logging.getLogger("flwr")
+    if flower.getEffectiveLevel() > logging.DEBUG:  # -v: the user asked for everything
+        flower.setLevel(logging.CRITICAL)
 
 
 def _shutdown_ray() -> None:
