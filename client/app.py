@@ -8,6 +8,8 @@ takes it from its own machine and checks the server's settings against its own f
 
 from __future__ import annotations
 
+from functools import partial
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -26,14 +28,14 @@ def make_client_app(config: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         if is_secure_message(message):  # a stage of Flower's SecAgg+ (secure_aggregation): client/secure.py
-            return secure_train(message, context, plain)
-        return plain(message, context)
+            return secure_train(message, context, partial(round_, secure=True))
+        return round_(message, context, secure=False)
 
-    def plain(message: Message, context: Context) -> Message:
+    def round_(message: Message, context: Context, *, secure: bool) -> Message:
         if config is None and DATA_PATH_KEY in context.node_config:  # a SuperNode started by `fedtune client`
             from fedtune.client.deployed import train_deployed
 
-            return train_deployed(message, context)
+            return train_deployed(message, context, secure=secure)
         run = RunConfig.from_flower(dict(context.run_config)) if config is None else config
         partition_id = int(context.node_config.get("partition-id", 0))
         return train_round(message, run, partition_id)

@@ -110,6 +110,12 @@ def _add_client(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="give up after this many seconds without the server (default: keep trying)",
     )
+    p.add_argument(
+        "--require-secure-aggregation",
+        action="store_true",
+        help="train only in SecAgg+ rounds (the server sees only the sum of the updates); a plaintext round is "
+        "refused with a reason (the server needs --secure-aggregation)",
+    )
     p.add_argument("--insecure", action="store_true", help="NO TLS and NO authentication: local experiments only")
     p.set_defaults(handler=lambda args: deploy.run_client(args))
 

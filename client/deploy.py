@@ -99,7 +99,15 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
                 "each client needs its own state folder"
             )
     atomic_write_json(owner, {"client_id": client_id, "data": str(data), "task": info.task, "examples": info.examples})
-    return NodeSettings(data, state, client_id, float(args.epsilon), delta, args.accountant)
+    return NodeSettings(
+        data,
+        state,
+        client_id,
+        float(args.epsilon),
+        delta,
+        args.accountant,
+        require_secure_aggregation=bool(getattr(args, "require_secure_aggregation", False)),
+    )
 
 
 def _ledger_line(settings: NodeSettings) -> str:
@@ -151,6 +159,8 @@ def run_client(args: argparse.Namespace) -> int:
         command += ["--max-wait-time", str(args.max_wait_time)]
     env = child_env(FLWR_HOME=str(settings.state_dir / "flwr-home"), PYTHONUNBUFFERED="1")
     budget = "no DP" if math.isinf(settings.epsilon) else f"epsilon {settings.epsilon:g}, delta {settings.delta:g}"
+    if settings.require_secure_aggregation:
+        budget += "; secure aggregation required"
     print(
         f"client {settings.client_id}: data {settings.data_path}, budget {budget}, state {settings.state_dir}; "
         f"connecting to {address} ({'NO TLS' if tls is None else 'TLS, key ' + tls[1].name})",

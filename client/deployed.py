@@ -8,6 +8,9 @@ Differences from a simulated client, everything else is :func:`fedtune.client.ap
   ``client-id`` (not Flower's node id, which changes when a SuperNode reconnects);
 * the server's settings are reviewed first (:func:`fedtune.client.policy.review_request`): a request
   the client will not honour gets a refusal with a reason, never a crash;
+* a client started with ``--require-secure-aggregation`` trains only inside Flower's SecAgg+ (the
+  ``secaggplus_mod`` masks what it sends) and refuses a plaintext round, whatever the server's
+  settings claim;
 * one round at a time per state folder (a file lock): a message of a run the server abandoned
   (e.g. before a restart) and the same round of the resumed run can never both train.
 
@@ -131,8 +134,12 @@ def _bind_run(state_dir: Path, run_key: str) -> str | None:
     return None
 
 
-def train_deployed(message: Message, context: Context) -> Message:
-    """Handle one ``train`` message on a deployed SuperNode (see the module docstring)."""
+def train_deployed(message: Message, context: Context, *, secure: bool = False) -> Message:
+    """Handle one ``train`` message on a deployed SuperNode (see the module docstring).
+
+    ``secure`` says that the message reached the client through Flower's ``secaggplus_mod`` (the
+    reply will be masked); a client started with ``--require-secure-aggregation`` refuses any other.
+    """
     configure_logging()
     settings = NodeSettings.from_node_config(context.node_config)
     reason: str | None  # why this client refuses the round, if it does
@@ -153,6 +160,11 @@ def train_deployed(message: Message, context: Context) -> Message:
         else:
             reason = review_request(config, options, settings, shard, message_config) or _bind_run(
                 settings.state_dir, options.run_key
+            )
+        if reason is None and settings.require_secure_aggregation and not secure:
+            reason = (
+                "this client requires secure aggregation (--require-secure-aggregation) and the server sent a "
+                "plaintext round; start the server with --secure-aggregation"
             )
         if reason is not None:
             log.warning("client %s refuses round %s: %s", settings.client_id, server_round, reason)

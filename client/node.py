@@ -1,8 +1,8 @@
 """A deployed client's own settings: what ``fedtune client`` puts in its SuperNode's node_config.
 
 These are set on the client's machine and never sent to the server: ``data-path``, ``state-dir``,
-``client-id``, ``epsilon``, ``delta``, ``accountant``. A SuperNode whose node_config holds
-:data:`DATA_PATH_KEY` was started by ``fedtune client`` and trains on its own data.
+``client-id``, ``epsilon``, ``delta``, ``accountant``, ``require-secure-aggregation``. A SuperNode
+whose node_config holds :data:`DATA_PATH_KEY` was started by ``fedtune client`` and trains on its own data.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class NodeSettings:
     epsilon: float
     delta: float
     accountant: str = "saddlepoint"
+    #: Train only inside Flower's SecAgg+ (the server then sees only the sum of the updates): a
+    #: plaintext round is refused with a reason (``fedtune client --require-secure-aggregation``).
+    require_secure_aggregation: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -42,6 +45,7 @@ class NodeSettings:
             epsilon=float(node_config["epsilon"]),
             delta=float(node_config["delta"]),
             accountant=str(node_config.get("accountant", "saddlepoint")),
+            require_secure_aggregation=bool(node_config.get("require-secure-aggregation", False)),
         )
 
     def to_toml(self) -> str:
@@ -59,5 +63,6 @@ class NodeSettings:
                 "epsilon": float(self.epsilon),
                 "delta": float(self.delta),
                 "accountant": self.accountant,
+                "require-secure-aggregation": bool(self.require_secure_aggregation),
             }
         )

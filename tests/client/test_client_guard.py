@@ -55,6 +55,8 @@ def test_review_names_what_it_refuses(
 def test_settings_travel_through_a_toml_node_config(tmp_path: Path) -> None:
     node = NodeSettings(tmp_path / 'a "quoted" dir', tmp_path / "state", "alice", math.inf, 1e-6)
     assert NodeSettings.from_node_config(tomli.loads(node.to_toml())) == node
+    strict = NodeSettings(tmp_path, tmp_path / "s", "bob", 8.0, 1e-5, "pld", require_secure_aggregation=True)
+    assert NodeSettings.from_node_config(tomli.loads(strict.to_toml())) == strict
     with pytest.raises(ValueError, match="lacks data-path"):
         NodeSettings.from_node_config({"state-dir": "s"})
 
@@ -95,8 +97,9 @@ def global_arrays() -> Any:
     return to_record(get_trainable_state(template))
 
 
-def node_config(shard_dir: Path, state: Path, epsilon: float = 8.0) -> dict[str, Any]:
-    return dict(tomli.loads(NodeSettings(shard_dir, state, "client-0", epsilon, 1e-5).to_toml()))
+def node_config(shard_dir: Path, state: Path, epsilon: float = 8.0, require_secure: bool = False) -> dict[str, Any]:
+    node = NodeSettings(shard_dir, state, "client-0", epsilon, 1e-5, require_secure_aggregation=require_secure)
+    return dict(tomli.loads(node.to_toml()))
 
 
 def ask(
@@ -106,8 +109,11 @@ def ask(
     server_round: Any = 1,
     run_config: dict[str, Any] | None = None,
     epsilon: float = 8.0,
+    require_secure: bool = False,
+    app: Any = None,
 ) -> Message:
-    """Send one train message through the ClientApp (as a SuperNode started by `fedtune client` would)."""
+    """Send one train message to the deployed path (through ``app``, a ClientApp, if given), as a SuperNode
+    started by `fedtune client` would."""
     message = Message(
         RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
         dst_node_id=7,
@@ -116,13 +122,13 @@ def ask(
     context = Context(
         run_id=1,
         node_id=7,
-        node_config=node_config(shard_dir, state, epsilon),
+        node_config=node_config(shard_dir, state, epsilon, require_secure),
         state=RecordDict(),
         run_config={**RUN.to_flower(), **DeployOptions(deployed=True).to_flower(), **(run_config or {})},
     )
     TaskIdentity.node_id = 7
     try:
-        return train_deployed(message, context)
+        return train_deployed(message, context) if app is None else app(message, context)
     finally:
         TaskIdentity.node_id = 0
 
@@ -143,6 +149,52 @@ def test_invalid_server_settings_are_refused_not_crashed(shard_dir: Path, tmp_pa
     )
     assert not reply.content.array_records and not (tmp_path / "ledger.json").exists()
     assert events(tmp_path)[-1]["decision"] == "refused"
+
+
+def test_a_client_that_requires_secure_aggregation_refuses_a_plaintext_round(
+    shard_dir: Path, tmp_path: Path, global_arrays: Any
+) -> None:
+    from fedtune.client.app import make_client_app
+
+    reply = ask(shard_dir, tmp_path, global_arrays, require_secure=True, app=make_client_app())
+    p = privacy(reply)
+    assert p["status"] == "refused" and "requires secure aggregation" in p["reason"]
+    assert "--secure-aggregation" in p["reason"]
+    assert not reply.content.array_records and not (tmp_path / "ledger.json").exists()  # nothing sent, nothing spent
+    assert events(tmp_path)[-1]["decision"] == "refused"
+
+
+def test_a_secure_round_passes_the_requirement(
+    shard_dir: Path, tmp_path: Path, global_arrays: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that came through SecAgg+ reaches the deployed path marked secure; the review goes on.
+
+    SecAgg+'s four stages are stood in for (they are tested in tests/server/test_secure_aggregation.py):
+    the stand-in hands the message to fedtune's handler as ``secaggplus_mod`` does at its masking stage.
+    The server's settings are invalid here, so the round is refused for that reason, not for security.
+    """
+    import fedtune.client.app as client_app
+
+    seen: list[bool] = []
+
+    def through_secagg(message: Message, context: Context, handler: Any) -> Message:
+        seen.append(True)
+        return handler(message, context)
+
+    monkeypatch.setattr(client_app, "is_secure_message", lambda message: True)
+    monkeypatch.setattr(client_app, "secure_train", through_secagg)
+    reply = ask(
+        shard_dir,
+        tmp_path,
+        global_arrays,
+        run_config={"max-grad-norm": 0.0},
+        require_secure=True,
+        app=client_app.make_client_app(),
+    )
+    p = privacy(reply)
+    assert seen == [True]
+    assert p["status"] == "refused" and "max_grad_norm must be in (0, inf)" in p["reason"]
+    assert "secure aggregation" not in p["reason"]
 
 
 @pytest.mark.slow
