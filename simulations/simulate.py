@@ -97,7 +97,15 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         "init_args": init_args,
     }
     STOP.clear()
+    _INTERRUPTED.clear()
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)  # mark the interruption before Ray's actors report it
+    flower = logging.getLogger("flwr")
+    for stale in [f for f in flower.filters if isinstance(f, _InterruptedActorFilter)]:
+        flower.removeFilter(stale)  # left by an earlier interrupted run in this process
+    actor_filter = _InterruptedActorFilter()
+    flower.addFilter(actor_filter)
     try:
         run_simulation(
             server_app=make_server_app(config, resume=resume),
@@ -107,11 +115,13 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         )
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        _INTERRUPTED.set()
         STOP.set()  # the ServerApp thread ends its round loop and returns
         _silence_flower_workers()
         raise
     except RuntimeError as err:
         if STOP.is_set():
+            _INTERRUPTED.set()
             _silence_flower_workers()
             raise KeyboardInterrupt from err
         raise
@@ -120,8 +130,10 @@ def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         _wait_for_server_threads(timeout=10.0)
         _shutdown_ray()
         STOP.clear()
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and previous is not signal.SIG_IGN:
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, _on_sigint) and previous is not signal.SIG_IGN:
             signal.signal(signal.SIGINT, previous)
+        if not _INTERRUPTED.is_set():  # after Ctrl-C, Flower's threads may still report dying actors
+            flower.removeFilter(actor_filter)
     if not summary_path.exists():
         raise RunFailed(f"the simulation ended without writing {summary_path}; see the log above (-v shows more)")
     summary = read_json(summary_path)
@@ -143,6 +155,42 @@ def _wait_for_server_threads(timeout: float) -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("the ServerApp thread did not stop within %.0f s", timeout)
+
+
+_INTERRUPTED = threading.Event()
+"""Set by :func:`_on_sigint` the moment Ctrl-C reaches this process."""
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """SIGINT during a simulation: note it (for :class:`_InterruptedActorFilter`), then interrupt."""
+    _INTERRUPTED.set()
+    _silence_flower_workers()
+    signal.default_int_handler(signum, frame)
+
+
+class _InterruptedActorFilter(logging.Filter):
+    """Drop Flower's reports of Ray actors that died because the run was interrupted.
+
+    Ctrl-C in a terminal reaches the whole process group, so Ray's workers can die before the
+    driver's Python handler runs; Flower's worker threads then log each ``ActorDiedError`` with a
+    traceback. Such a record is held for up to ``grace`` seconds: if the interruption is confirmed
+    (:data:`_INTERRUPTED`) it is dropped, otherwise (an actor killed for memory, say) it is logged.
+    """
+
+    def __init__(self, grace: float = 3.0) -> None:
+        super().__init__("flwr")
+        self.grace = grace
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, BaseException):
+            died = "Actor" in type(msg).__name__ or "actor died" in str(msg)
+        else:
+            text = str(msg)
+            died = "ActorDiedError" in text or "RayActorError" in text
+        if not died or logging.getLogger("flwr").getEffectiveLevel() <= logging.DEBUG:  # -v shows everything
+            return True
+        return not _INTERRUPTED.wait(self.grace)
 
 
 def _silence_flower_workers() -> None:
