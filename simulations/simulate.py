@@ -59,7 +59,12 @@ def check_workload(config: RunConfig) -> None:
             config.batch_size,
         )
     for note in workload.data.notes:
-        log.info("data: %s", note)
+        if note not in _NOTES_SHOWN:  # a grid checks many cells of the same data: say each fact once
+            _NOTES_SHOWN.add(note)
+            log.info("data: %s", note)
+
+
+_NOTES_SHOWN: set[str] = set()
 
 
 def simulate(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
