@@ -108,15 +108,17 @@ def train_round(message: Message, config: RunConfig, partition_id: int, state_di
     return run_job(message, config, job)
 
 
-def optimizer_settings(config: RunConfig, steps: int, server_round: int) -> dict[str, Any]:
+def optimizer_settings(config: RunConfig, steps: int, server_round: int, batch: int | None = None) -> dict[str, Any]:
     """TrainConfig's optimizer, schedule and engine settings for round ``server_round`` of ``config``.
+
+    ``batch``: the client's expected batch, for the learning-rate rule (default ``config.batch_size``).
 
     The schedule spans the client's whole plan, ``rounds * steps`` steps; round ``r`` runs plan
     steps ``(r - 1) * steps + 1 .. r * steps``, and the warm-up is ``warmup_fraction`` of the plan.
     """
     plan = config.rounds * steps
     return {
-        "learning_rate": config.client_learning_rate,
+        "learning_rate": config.learning_rate_for(config.batch_size if batch is None else batch),
         "optimizer": config.optimizer,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
@@ -197,12 +199,12 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     except ValueError as err:  # the server's global model itself is malformed: refuse, never crash
         return refuse(f"the global model sent for round {server_round} is unusable: {err}", sigma)
     train_config = TrainConfig(
-        batch_size=min(config.batch_size, examples),
+        batch_size=config.client_batch_size(examples),
         steps=steps,
         seed=config.seed * 100_003 + server_round * 1009 + job.seed_index,
         log_every=max(1, steps // 100),
         noise_multiplier=sigma,
-        **optimizer_settings(config, steps, server_round),
+        **optimizer_settings(config, steps, server_round, config.client_batch_size(examples)),
     )
     try:
         with TrainingProgress(

@@ -143,6 +143,13 @@ def add_run_options(
         "--batch-size", type=int, default=d.batch_size, help=f"expected (Poisson) batch size (default {d.batch_size})"
     )
     parser.add_argument(
+        "--sampling-rate",
+        type=float,
+        default=None,
+        help="Poisson rate q in (0, 1] for every client, instead of --batch-size: client k's expected batch is "
+        "q * N_k and all clients take the same steps (for shards of very different sizes; docs/results.md)",
+    )
+    parser.add_argument(
         "--physical-batch-size",
         type=int,
         default=None,

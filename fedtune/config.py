@@ -120,6 +120,14 @@ class RunConfig:
         Optimizer steps per round.
     batch_size : int
         Expected (Poisson) logical batch size B; q = B / shard size. Privacy is defined on it.
+    sampling_rate : float or None
+        Poisson sampling rate q in (0, 1] shared by every client, instead of a shared batch size:
+        client k's expected batch is ``B_k = round(q N_k)`` (at least 1), every client takes the
+        same steps per round, and the learning-rate rule uses ``B_k``. Under skewed shard sizes
+        this keeps FedAvg's noise that of one centralized batch: the example-weighted mean of the
+        clients' noise, :math:`\\sum_k \\frac{N_k}{N} \\frac{\\sigma C}{q N_k} z_k`, has per-coordinate
+        std :math:`\\sigma C \\sqrt{K} / (qN)`, whatever the split (with a shared B, one large client's
+        own noise dominates the mean). None (the default): ``batch_size`` for every client.
     physical_batch_size : int or None
         Most examples per micro-batch through the model (memory and speed only; the logical
         batch, the noise and the accounting are unchanged). None = chosen from the model, the
@@ -229,6 +237,7 @@ class RunConfig:
     local_epochs: float | None = None
     local_steps: int | None = None
     batch_size: int = 256
+    sampling_rate: float | None = None
     physical_batch_size: int | None = None
     precision: str = "fp32"
     max_grad_norm: float = 1.0
@@ -285,6 +294,12 @@ class RunConfig:
         if self.local_steps is not None:
             _positive_int("local_steps", self.local_steps)
         _positive_int("batch_size", self.batch_size)
+        if self.sampling_rate is not None and (
+            isinstance(self.sampling_rate, bool)
+            or not isinstance(self.sampling_rate, (int, float))
+            or not 0.0 < self.sampling_rate <= 1.0
+        ):
+            raise ValueError(f"sampling_rate must be a number in (0, 1], got {self.sampling_rate!r}")
         if self.physical_batch_size is not None:
             _positive_int("physical_batch_size", self.physical_batch_size)
         if self.precision not in ("fp32", "bf16"):
@@ -401,11 +416,24 @@ class RunConfig:
         5e-3, the best of the non-private search at B = 1,024 (1e-2 diverged to the majority
         class, 5e-3 reached 0.846, 2e-3 0.810 with the same cosine schedule). SGD: 0.5.
         """
+        return self.learning_rate_for(self.batch_size)
+
+    def learning_rate_for(self, batch: int) -> float:
+        """The learning rate of a client whose expected batch is ``batch`` (see :attr:`client_learning_rate`)."""
         if self.learning_rate is not None:
             return self.learning_rate
         if self.optimizer == "sgd":
             return 0.5
-        return min(10.24 / self.batch_size, 0.04) if self.private else 5e-3
+        return min(10.24 / batch, 0.04) if self.private else 5e-3
+
+    def client_batch_size(self, examples: int) -> int:
+        """Expected batch of a client holding ``examples``: ``round(q N)`` (at least 1) under
+        ``sampling_rate``, else ``min(batch_size, N)`` (a smaller shard trains on all of it, q = 1)."""
+        if examples < 1:
+            raise ValueError(f"a client needs at least 1 training example, got {examples}")
+        if self.sampling_rate is not None:
+            return max(1, min(examples, round(self.sampling_rate * examples)))
+        return min(self.batch_size, examples)
 
     @property
     def client_level(self) -> bool:
@@ -471,6 +499,7 @@ class RunConfig:
             "learning_rate",
             "clients_per_round",
             "secagg_max_weight",
+            "sampling_rate",
         }
         data: dict[str, Any] = {}
         for key, value in run_config.items():
@@ -486,6 +515,7 @@ class RunConfig:
             "epochs",
             "max_grad_norm",
             "learning_rate",
+            "sampling_rate",
             "delta",
             "cpus_per_client",
             "gpus_per_client",

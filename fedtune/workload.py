@@ -47,7 +47,10 @@ def build_template(config: RunConfig, num_labels: int) -> tuple[Any, Any]:
 
 
 def local_plan(config: RunConfig, examples: int) -> tuple[float, int]:
-    """Poisson rate ``q = min(1, B / N)`` and optimizer steps per round for a shard of ``examples``.
+    """Poisson rate ``q = B_k / N`` and optimizer steps per round for a shard of ``examples``.
+
+    ``B_k`` is :meth:`RunConfig.client_batch_size`: ``min(B, N)``, or ``round(q N)`` under
+    ``sampling_rate`` (then every client takes the same steps, ``ceil(epochs / (q rounds))``).
 
     A shard smaller than the batch size trains on all of its examples at every step (``q = 1``: no
     amplification by subsampling; the accountants handle it exactly). Steps per round are
@@ -55,15 +58,16 @@ def local_plan(config: RunConfig, examples: int) -> tuple[float, int]:
     ``ceil(epochs * N / (B * rounds))``: ``epochs`` passes over the shard spread over the run. Used
     by the simulated clients and the deployed ones alike.
     """
-    if examples < 1:
-        raise ValueError(f"a client needs at least 1 training example, got {examples}")
+    batch = config.client_batch_size(examples)  # validates examples
+    # examples per step: B, or q N under a shared rate (not B_k, whose rounding varies by client)
+    per_step = config.batch_size if config.sampling_rate is None else config.sampling_rate * examples
     if config.local_steps is not None:
         steps = config.local_steps
     elif config.local_epochs is not None:
-        steps = max(1, math.ceil(config.local_epochs * examples / config.batch_size))
+        steps = max(1, math.ceil(config.local_epochs * examples / per_step))
     else:
-        steps = max(1, math.ceil(config.epochs * examples / (config.batch_size * config.rounds)))
-    return min(1.0, config.batch_size / examples), steps
+        steps = max(1, math.ceil(config.epochs * examples / (per_step * config.rounds)))
+    return batch / examples, steps
 
 
 @dataclass
@@ -158,12 +162,12 @@ class Workload:
         return local_plan(self.config, len(self.shards[partition_id]))[1]
 
     def sampling_rate(self, partition_id: int) -> float:
-        """Poisson rate q = min(1, B / N) of a client (:func:`local_plan`)."""
+        """Poisson rate q = B_k / N of a client (:func:`local_plan`)."""
         return local_plan(self.config, len(self.shards[partition_id]))[0]
 
     def batch_size(self, partition_id: int) -> int:
-        """Expected batch of a client: ``B``, or its whole shard if that is smaller."""
-        return min(self.config.batch_size, len(self.shards[partition_id]))
+        """Expected batch of a client (:meth:`RunConfig.client_batch_size`)."""
+        return self.config.client_batch_size(len(self.shards[partition_id]))
 
 
 #: RunConfig fields that decide the model a process builds and how its text is tokenized.

@@ -69,12 +69,12 @@ def cell_row(
     metric = summary.get("metric", "accuracy")
     clients = summary.get("clients", [])
     rounds_done = max(int(r["round"]) for r in summary["rounds"])
-    # expected examples = steps x expected batch min(B, N_k), per client: the ledger's steps for a
+    # expected examples = steps x expected batch B_k (min(B, N_k), or q N_k), per client: the ledger's steps for a
     # private run, the planned steps per round x rounds for a non-private one (no ledger; its
     # summary's steps count only the rounds of the last process when the cell was resumed)
     expected = sum(
         ((int(c["steps"]) if config.private else 0) or local_plan(config, int(c["examples"]))[1] * rounds_done)
-        * min(config.batch_size, int(c["examples"]))
+        * config.client_batch_size(int(c["examples"]))
         for c in clients
     )
     row.update(

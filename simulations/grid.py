@@ -244,6 +244,8 @@ class GridSpec:
         if cell.setting == "federated":
             return self.base.replace(partition=cell.partition, epsilon=cell.epsilon, seed=cell.seed, out=str(out))
         own = dict(self.centralized_settings)
+        if "batch_size" in own and "sampling_rate" not in own:
+            own["sampling_rate"] = None  # a centralized batch set for the cell wins over the clients' shared rate
         batch = int(own.get("batch_size", self.base.batch_size))
         steps = (
             None

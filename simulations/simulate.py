@@ -50,13 +50,12 @@ def check_workload(config: RunConfig) -> None:
             f"delta = {config.delta:g} must be below 1 / (smallest shard) = 1/{smallest} = {1.0 / smallest:.3g}; "
             "a larger delta allows an output that reveals a whole record"
         )
-    small = [k for k, s in enumerate(workload.shards) if len(s) < config.batch_size]
+    small = [k for k, s in enumerate(workload.shards) if config.client_batch_size(len(s)) >= len(s)]
     if config.private and small:
         log.info(
-            "clients %s hold fewer examples than the batch size %d: they train on their whole shard at every "
+            "clients %s hold no more examples than their batch: they train on their whole shard at every "
             "step (q = 1, no amplification by subsampling)",
             ", ".join(map(str, small)),
-            config.batch_size,
         )
     for note in workload.data.notes:
         if note not in _NOTES_SHOWN:  # a grid checks many cells of the same data: say each fact once

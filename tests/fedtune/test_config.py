@@ -96,3 +96,51 @@ def test_the_default_recipe() -> None:
 )
 def test_the_default_learning_rate_follows_the_batch_and_the_privacy(changes: dict, lr: float) -> None:
     assert RunConfig(**changes).client_learning_rate == pytest.approx(lr)
+
+
+def test_a_shared_sampling_rate_gives_each_client_its_batch_and_equal_steps() -> None:
+    from client.job import optimizer_settings
+    from fedtune.workload import local_plan
+
+    # seed 1's Dirichlet(0.5) split of SST-2 (docs/results.md): one client holds 49% of the data
+    shards = [4_460, 32_951, 6_759, 525, 4_456, 12_898, 4_300, 1_000]
+    config = RunConfig(clients=8, rounds=11, epsilon=8.0, sampling_rate=0.0304)
+    batches = [config.client_batch_size(n) for n in shards]
+    assert batches == [round(0.0304 * n) for n in shards]  # B_k = q N_k: 1,002 for the largest, 16 for the smallest
+    plans = [local_plan(config, n) for n in shards]
+    for (q, _), n, b in zip(plans, shards, batches, strict=True):
+        assert q == pytest.approx(b / n) and q == pytest.approx(0.0304, rel=0.04)  # rounding of B_k only
+    assert {steps for _, steps in plans} == {3}  # ceil(1 / (q * 11)): the same local work everywhere
+    # the learning-rate rule follows each client's batch (Adam: lr * B fixed, capped at 0.04)
+    rates = [optimizer_settings(config, 3, 1, b)["learning_rate"] for b in batches]
+    assert rates[1] == pytest.approx(10.24 / 1_002) and rates[3] == pytest.approx(0.04)
+    assert optimizer_settings(config.replace(learning_rate=0.01), 3, 1, 16)["learning_rate"] == 0.01
+    # the weighted mean of the clients' noise is that of one batch of q N, whatever the split
+    weights = [n / sum(shards) for n in shards]
+    noise_std = math.sqrt(sum((w / b) ** 2 for w, b in zip(weights, batches, strict=True)))
+    assert noise_std == pytest.approx(math.sqrt(8) / (0.0304 * sum(shards)), rel=0.05)
+    shared = math.sqrt(sum((w / min(256, n)) ** 2 for w, n in zip(weights, shards, strict=True)))
+    assert shared == pytest.approx(1.54 * noise_std, rel=0.02)  # one shared B = 256: the large client's noise dominates
+
+
+def test_without_a_sampling_rate_the_shared_batch_is_unchanged() -> None:
+    config = RunConfig(clients=8, rounds=11)
+    assert config.sampling_rate is None
+    assert [config.client_batch_size(n) for n in (100, 256, 8_418)] == [100, 256, 256]
+    assert config.replace(sampling_rate=1.0).client_batch_size(8_418) == 8_418  # q = 1: the whole shard
+    assert config.replace(sampling_rate=1e-6).client_batch_size(8_418) == 1  # at least one expected example
+    with pytest.raises(ValueError, match="at least 1 training example, got 0"):
+        config.client_batch_size(0)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, math.inf, math.nan, True, "0.1"])
+def test_bad_sampling_rates_are_refused(rate: object) -> None:
+    with pytest.raises(ValueError, match=r"sampling_rate must be a number in \(0, 1\]"):
+        RunConfig(sampling_rate=rate)  # type: ignore[arg-type]
+
+
+def test_the_sampling_rate_round_trips() -> None:
+    config = RunConfig(clients=4, sampling_rate=0.03)
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert RunConfig.from_flower(config.to_flower()) == config
+    assert RunConfig.from_flower(RunConfig(clients=4).to_flower()).sampling_rate is None
