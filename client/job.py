@@ -198,13 +198,14 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         set_trainable_state(model, to_state(cast(ArrayRecord, message.content[ARRAYS_KEY])))
     except ValueError as err:  # the server's global model itself is malformed: refuse, never crash
         return refuse(f"the global model sent for round {server_round} is unusable: {err}", sigma)
+    batch = config.client_batch_size(examples)
     train_config = TrainConfig(
-        batch_size=config.client_batch_size(examples),
+        batch_size=batch,
         steps=steps,
         seed=config.seed * 100_003 + server_round * 1009 + job.seed_index,
         log_every=max(1, steps // 100),
         noise_multiplier=sigma,
-        **optimizer_settings(config, steps, server_round, config.client_batch_size(examples)),
+        **optimizer_settings(config, steps, server_round, batch),
     )
     try:
         with TrainingProgress(
