@@ -26,13 +26,14 @@ from typing import Any, cast
 
 from flwr.app import ArrayRecord, Message
 
-from fedtune.client.optimizer_state import OptimizerStateStore
+from fedtune.client.optimizer_state import ControlVariateStore, OptimizerStateStore
 from fedtune.client.privacy import ClientPrivacy, Plan
 from fedtune.config import RunConfig
 from fedtune.privacy.events import SubsampledGaussianEvent
 from fedtune.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    CONTROL_KEY,
     SERVER_ROUND_KEY,
     STATUS_REFUSED,
     ClientReply,
@@ -166,6 +167,16 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
                     paid.noise_multiplier,
                 )
             log.info("client %s: round %d already paid for; re-sending the stored update", client_id, server_round)
+            control = None
+            if config.scaffold:
+                try:
+                    control = ControlVariateStore(guard.state_dir).at(server_round)
+                except ValueError as err:
+                    log.warning(
+                        "client %s: the stored control variate is unreadable (%s); re-sending without it",
+                        client_id,
+                        err,
+                    )
             resent = replace(
                 base,
                 sampling_rate=paid.sampling_rate,
@@ -173,7 +184,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
                 noise_multiplier=paid.noise_multiplier,
                 resent=True,
             )
-            return reply_message(message, resent, counted, update)
+            return reply_message(message, resent, counted, update, control)
         plan = Plan(q, steps, config.rounds)
         if job.noise_multiplier is None:
             sigma = guard.calibrate(plan).sigma
@@ -194,10 +205,18 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     if previous is not None:
         log.debug("client %s continues its optimizer state of round %d", client_id, previous[0])
     model = job.new_model()
+    global_state = to_state(cast(ArrayRecord, message.content[ARRAYS_KEY]))
     try:
-        set_trainable_state(model, to_state(cast(ArrayRecord, message.content[ARRAYS_KEY])))
+        set_trainable_state(model, global_state)
     except ValueError as err:  # the server's global model itself is malformed: refuse, never crash
         return refuse(f"the global model sent for round {server_round} is unusable: {err}", sigma)
+    controls = ControlVariateStore(guard.state_dir) if config.scaffold else None
+    correction = None
+    if controls is not None:
+        try:
+            correction = scaffold_correction(message, global_state, controls, server_round)
+        except ValueError as err:
+            return refuse(str(err), sigma)
     batch = config.client_batch_size(examples)
     train_config = TrainConfig(
         batch_size=batch,
@@ -223,6 +242,8 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
                 progress=progress,
                 in_place=True,
                 optimizer_state=previous[1] if previous is not None else None,
+                gradient_correction=correction,
+                track_mean_gradient=controls is not None,
             )
     except OptimizerStateError as err:  # raised before the first step: nothing trained, nothing spent
         path = guard.state_dir / "optimizer.pt"
@@ -247,6 +268,8 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     # later updates, so it must never outlive a crash that leaves the round unrecorded (and trained again).
     if store is not None and result.optimizer_state is not None:
         store.save(server_round, result.optimizer_state)
+    if controls is not None and result.mean_gradient is not None:
+        controls.save(server_round, result.mean_gradient)
     metrics = {
         "train-loss": float(result.mean_loss),
         "seconds": float(result.seconds),
@@ -256,4 +279,46 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     for key, value in metrics.items():
         if not math.isfinite(value):
             metrics[key] = -1.0  # every batch was empty: nothing to measure
-    return reply_message(message, reply, metrics, update)
+    return reply_message(message, reply, metrics, update, result.mean_gradient if controls is not None else None)
+
+
+def scaffold_correction(
+    message: Message, global_state: dict[str, Any], controls: ControlVariateStore, server_round: int
+) -> dict[str, Any]:
+    r"""SCAFFOLD's gradient correction :math:`c - c_k` for this round (Karimireddy et al. 2020, eq. 3).
+
+    :math:`c` is the server's global control variate in ``message``; :math:`c_k` the client's own
+    variate of its latest earlier round (zeros before its first). Both are functions of
+    privatized gradients only.
+
+    Raises
+    ------
+    ValueError
+        The server sent no variate, or one whose names, shapes or values do not fit the model,
+        or the client's stored variate is unreadable or does not fit: the reason to refuse with.
+    """
+    import torch
+
+    record = message.content.array_records.get(CONTROL_KEY)
+    if record is None:
+        raise ValueError(
+            f"scaffold is on but the server sent no control variate ({CONTROL_KEY!r}) for round {server_round}: "
+            "run the server with scaffold too"
+        )
+    c = to_state(record)
+    if set(c) != set(global_state) or any(tuple(c[k].shape) != tuple(global_state[k].shape) for k in c):
+        raise ValueError(f"the server's control variate for round {server_round} does not match the model's arrays")
+    if not all(bool(torch.isfinite(v).all()) for v in c.values()):
+        raise ValueError(f"the server's control variate for round {server_round} holds non-finite values")
+    try:
+        own = controls.load(before_round=server_round)
+    except ValueError as err:
+        raise ValueError(
+            f"cannot continue the client's control variate: {err}; remove the file to start afresh"
+        ) from None
+    mine = own[1] if own is not None else {k: torch.zeros_like(v, dtype=torch.float32) for k, v in c.items()}
+    if set(mine) != set(c) or any(tuple(mine[k].shape) != tuple(c[k].shape) for k in c):
+        raise ValueError(
+            f"the control variate in {controls.path} does not fit this run's model; remove it to start afresh"
+        )
+    return {k: c[k].float() - mine[k].float() for k in c}

@@ -195,6 +195,13 @@ def add_run_options(
         f"(default {'on' if d.stateful_clients else 'off'})",
     )
     parser.add_argument(
+        "--scaffold",
+        action=argparse.BooleanOptionalAction,
+        default=d.scaffold,
+        help="SCAFFOLD's client-drift correction from the privatized gradients (DP-SCAFFOLD; no privacy cost) "
+        f"(default {'on' if d.scaffold else 'off'})",
+    )
+    parser.add_argument(
         "--lr-schedule",
         choices=SCHEDULES,
         default=d.lr_schedule,

@@ -150,6 +150,14 @@ class RunConfig:
     stateful_clients : bool
         Each client keeps its optimizer state (momentum, Adam moments) across rounds, on the
         client (its state folder); False = a fresh optimizer every round.
+    scaffold : bool
+        SCAFFOLD's client-drift correction (Karimireddy et al., ICML 2020), built from the
+        privatized gradients (DP-SCAFFOLD, Noble et al., AISTATS 2022): every local step adds
+        ``c - c_k`` to the client's gradient, where ``c_k`` is the client's mean privatized
+        gradient of its latest round and ``c`` the example-weighted mean of all clients' ``c_k``
+        (:mod:`fedtune.server.scaffold`). Post-processing: no privacy cost. Not with secure
+        aggregation or client-level DP (the variates would travel in the clear, outside their
+        guarantee). A no-op for one client (``c = c_1``).
     lr_schedule : str
         ``constant``, ``linear`` or ``cosine`` decay over the whole plan (all rounds).
     warmup_fraction : float
@@ -246,6 +254,7 @@ class RunConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     stateful_clients: bool = True
+    scaffold: bool = False
     lr_schedule: str = "cosine"
     warmup_fraction: float = 0.1
     server_optimizer: str = "fedavg"
@@ -311,6 +320,7 @@ class RunConfig:
         _unit_interval("momentum", self.momentum)
         _non_negative("weight_decay", self.weight_decay)
         _boolean("stateful_clients", self.stateful_clients)
+        _boolean("scaffold", self.scaffold)
         _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
         _unit_interval("warmup_fraction", self.warmup_fraction)
         _one_of("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
@@ -372,6 +382,13 @@ class RunConfig:
             raise ValueError(f"secagg_quantization_range must be an integer in [2, 2**32), got {q!r}")
         if self.secagg_max_weight is not None:
             _positive_float("secagg_max_weight", self.secagg_max_weight)
+        if self.scaffold and (self.secure_aggregation or self.client_level):
+            raise ValueError(
+                "scaffold sends each client's control variate to the server in the clear, which secure aggregation "
+                "and client-level DP exist to prevent: turn scaffold off, or secure_aggregation and "
+                f"client_level_epsilon off (got secure_aggregation = {self.secure_aggregation}, "
+                f"client_level_epsilon = {self.client_level_epsilon})"
+            )
         if not self.secure_aggregation:
             return
         if self.clients < 2:

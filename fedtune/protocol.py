@@ -5,12 +5,15 @@ one constants module). A ``train`` message and its reply are Flower ``RecordDict
 
 Server to client
     ``"arrays"`` (:data:`ARRAYS_KEY`): the global adapter and head weights (an ``ArrayRecord``);
-    ``"config"`` (:data:`CONFIG_KEY`): ``{"server-round": int}``.
+    ``"config"`` (:data:`CONFIG_KEY`): ``{"server-round": int}``;
+    ``"scaffold-control"`` (:data:`CONTROL_KEY`, only with ``scaffold``): the global control
+    variate ``c``, an ``ArrayRecord`` with the same names and shapes as ``"arrays"``.
 Client to server
     ``"privacy"`` (:data:`PRIVACY_KEY`): the client's :class:`ClientReply` (status, privacy event,
     budget spent) as a ``ConfigRecord``; ``"metrics"`` (:data:`METRICS_KEY`): a ``MetricRecord``
     with ``num-examples`` (Flower's FedAvg weights by it) and training measurements; ``"arrays"``:
-    the update, absent from a refusal.
+    the update, absent from a refusal; with ``scaffold`` also ``"scaffold-control"``: the client's
+    new control variate ``c_k`` (its mean privatized gradient of the round).
 
 Under secure aggregation (``secure_aggregation``, Flower's SecAgg+) the update travels as Flower's
 legacy ``FitIns``/``FitRes`` records, because that is what ``SecAggPlusWorkflow`` and
@@ -45,6 +48,7 @@ from fedtune.config import RunConfig
 __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
+    "CONTROL_KEY",
     "METRICS_KEY",
     "PRIVACY_KEY",
     "SERVER_ROUND_KEY",
@@ -68,6 +72,9 @@ __all__ = [
 
 #: RecordDict key of the model weights (both directions).
 ARRAYS_KEY = "arrays"
+#: RecordDict key of SCAFFOLD's control variate (server to client: the global ``c``; client to
+#: server: the client's ``c_k``), an ArrayRecord named and shaped like :data:`ARRAYS_KEY`.
+CONTROL_KEY = "scaffold-control"
 #: RecordDict key of the round configuration the server sends.
 CONFIG_KEY = "config"
 #: ConfigRecord key of the round number inside :data:`CONFIG_KEY`.
@@ -200,9 +207,14 @@ def train_content(arrays: ArrayRecord, server_round: int) -> RecordDict:
 
 
 def reply_message(
-    message: Message, reply: ClientReply, metrics: Mapping[str, float], update: Mapping[str, Any] | None = None
+    message: Message,
+    reply: ClientReply,
+    metrics: Mapping[str, float],
+    update: Mapping[str, Any] | None = None,
+    control: Mapping[str, Any] | None = None,
 ) -> Message:
-    """The client's reply to ``message``: its :class:`ClientReply`, metrics and (unless refused) update."""
+    """The client's reply to ``message``: its :class:`ClientReply`, metrics, (unless refused) update
+    and (SCAFFOLD) control variate."""
     content = RecordDict(
         {
             PRIVACY_KEY: reply.to_config_record(),
@@ -211,6 +223,8 @@ def reply_message(
     )
     if update is not None:
         content[ARRAYS_KEY] = to_record(update)
+    if control is not None:
+        content[CONTROL_KEY] = to_record(control)
     return Message(content, reply_to=message)
 
 

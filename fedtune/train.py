@@ -314,6 +314,11 @@ class TrainResult:
     optimizer_state : dict or None
         The optimizer's ``state_dict()`` after the last step (CPU tensors), for a stateful
         client to pass back as ``train_local(..., optimizer_state=...)`` next round.
+    mean_gradient : dict of str to torch.Tensor or None
+        With ``track_mean_gradient``: each trainable parameter's gradient as the optimizer
+        received it (under DP the privatized one: clipped, noised, divided by ``B``), before any
+        ``gradient_correction``, averaged over the steps (CPU, float32). A SCAFFOLD client's
+        new control variate.
     """
 
     state: dict[str, torch.Tensor]
@@ -331,6 +336,7 @@ class TrainResult:
     physical_batch_size: int = 0
     precision: str = "fp32"
     optimizer_state: dict[str, Any] | None = None
+    mean_gradient: dict[str, torch.Tensor] | None = None
 
     @property
     def padding_efficiency(self) -> float:
@@ -776,6 +782,85 @@ def plain_logical_step(
     return loss_sum, total
 
 
+def get_trainable_state_names(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of an unwrapped model's trainable parameters, named as
+    :func:`fedtune.model.get_trainable_state` names them."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+class GradientHook:
+    """A step pre-hook on an optimizer that records the mean gradient and adds a fixed correction.
+
+    Registered on the plain torch optimizer, so under DP it sees the gradient Opacus' DPOptimizer
+    hands it: clipped, summed, noised and divided by the expected batch size. Micro-batches that
+    only accumulate (Opacus' skipped steps) never reach it.
+
+    For step :math:`t` with gradient :math:`g_t` it keeps :math:`\\sum_t g_t` and then sets
+    ``p.grad`` to :math:`g_t + (c - c_k)`. After :math:`K` steps :meth:`mean` is
+    :math:`c_k^+ = \frac1K \\sum_t g_t`: with SGD this is SCAFFOLD's option II,
+    :math:`c_k - c + (x - y_k)/(K \\eta)` (Karimireddy et al. 2020, eq. 4), and it stays the mean
+    gradient whatever the optimizer does with it.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        named: Mapping[str, nn.Parameter],
+        correction: Mapping[str, torch.Tensor] | None,
+        device: torch.device,
+    ) -> None:
+        if correction is not None:
+            if set(correction) != set(named):
+                missing, extra = sorted(set(named) - set(correction)), sorted(set(correction) - set(named))
+                raise ValueError(
+                    f"gradient_correction must name exactly the trainable parameters: missing {missing[:3]}, "
+                    f"unknown {extra[:3]}"
+                )
+            for name, param in named.items():
+                if tuple(correction[name].shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"gradient_correction[{name!r}] has shape {tuple(correction[name].shape)}, "
+                        f"the parameter {tuple(param.shape)}"
+                    )
+        self.named = dict(named)
+        self.correction = (
+            None
+            if correction is None
+            else {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in correction.items()}
+        )
+        self.sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in self.named.items()}
+        self.steps = 0
+        self._handle = optimizer.register_step_pre_hook(self._pre_step)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps += 1
+        with torch.no_grad():
+            for name, param in self.named.items():
+                if param.grad is None:  # no gradient reached it (cannot happen under DP: noise is added)
+                    param.grad = torch.zeros_like(param)
+                self.sums[name] += param.grad.float()
+                if self.correction is not None:
+                    param.grad += self.correction[name].to(param.grad.dtype)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """:math:`\frac1K \\sum_t g_t` per parameter (CPU float32; zeros before any step)."""
+        return {k: (v / max(1, self.steps)).to("cpu") for k, v in self.sums.items()}
+
+    def remove(self) -> None:
+        """Unregister the hook."""
+        self._handle.remove()
+
+
+def corrected_steps(
+    optimizer: torch.optim.Optimizer,
+    named: Mapping[str, nn.Parameter],
+    correction: Mapping[str, torch.Tensor] | None,
+    device: torch.device,
+) -> GradientHook:
+    """Register a :class:`GradientHook` on ``optimizer`` (call ``.remove()`` when done)."""
+    return GradientHook(optimizer, named, correction, device)
+
+
 def _seeds(seed: int | None, count: int) -> list[int]:
     entropy = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
     return [int(s) for s in np.random.SeedSequence(entropy).generate_state(count, dtype=np.uint64) >> 1]
@@ -906,6 +991,8 @@ def train_local(
     progress: ProgressCallback | None = None,
     in_place: bool = False,
     optimizer_state: Mapping[str, Any] | None = None,
+    gradient_correction: Mapping[str, torch.Tensor] | None = None,
+    track_mean_gradient: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` logical steps; return its trainable state.
 
@@ -935,6 +1022,12 @@ def train_local(
     optimizer_state : mapping, optional
         A previous :attr:`TrainResult.optimizer_state` to continue (a stateful client's
         momentum or Adam moments across rounds; :func:`load_optimizer_state`).
+    gradient_correction : mapping of str to torch.Tensor, optional
+        Added to each named trainable parameter's gradient before every optimizer step (after
+        DP-SGD's clipping and noise): SCAFFOLD's ``c - c_k`` (:func:`corrected_steps`). Keys
+        must be exactly the trainable parameters' names, shapes must match.
+    track_mean_gradient : bool
+        Also return :attr:`TrainResult.mean_gradient`.
 
     Returns
     -------
@@ -974,6 +1067,10 @@ def train_local(
     optimizer = make_optimizer(params, config)
     if optimizer_state is not None:
         load_optimizer_state(optimizer, optimizer_state, config)
+    named = dict(get_trainable_state_names(work))
+    gradient_hook = None
+    if gradient_correction is not None or track_mean_gradient:
+        gradient_hook = corrected_steps(optimizer, named, gradient_correction, device)
     scheduled = config.lr_schedule != "constant" or config.warmup_steps > 0
     sample_gen = torch.Generator().manual_seed(sample_seed)
 
@@ -1049,6 +1146,8 @@ def train_local(
                         )
                     )
     finally:
+        if gradient_hook is not None:
+            gradient_hook.remove()
         if grad_sample_module is not None:
             dp_optimizer.zero_grad(set_to_none=True)
             detach_dp(grad_sample_module)
@@ -1080,4 +1179,5 @@ def train_local(
         physical_batch_size=physical,
         precision=config.precision,
         optimizer_state=saved_optimizer,
+        mean_gradient=gradient_hook.mean() if gradient_hook is not None and track_mean_gradient else None,
     )

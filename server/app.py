@@ -37,6 +37,7 @@ from fedtune.server.client_dp import ClientLevelDP, wrap_client_level
 from fedtune.server.optimizers import load_strategy_state, make_strategy, strategy_state
 from fedtune.server.quorum import QuorumRounds
 from fedtune.server.run import PlainRounds, RoundResult, Rounds, ServerCallback, ServerRun, array_bytes
+from fedtune.server.scaffold import Scaffold
 from fedtune.server.secure import (
     SecureAggregation,
     SecureClientLevelDP,
@@ -370,6 +371,8 @@ def run_server(
         inner = wrap_client_level(config, ledger, min_nodes)
     else:
         inner = make_strategy(config, min_nodes)
+        if config.scaffold:
+            inner = Scaffold(inner)
     strategy = LedgerStrategy(inner, ledger)
 
     def evaluate_arrays(arrays: ArrayRecord) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedtune.config import SERVER_OPTIMIZERS, RunConfig
+from fedtune.server.scaffold import Scaffold
 from fedtune.server.strategy import LedgerStrategy
 
 __all__ = ["StrategyState", "make_strategy", "strategy_state", "load_strategy_state"]
@@ -88,8 +89,15 @@ def _slots(strategy: Strategy) -> tuple[str, ...]:
     return ()  # FedAvg keeps nothing between rounds
 
 
+def _scaffold(strategy: Strategy) -> Scaffold | None:
+    inner = strategy.inner if isinstance(strategy, LedgerStrategy) else strategy
+    return inner if isinstance(inner, Scaffold) else None
+
+
 def _unwrap(strategy: Strategy) -> Strategy:
-    return strategy.inner if isinstance(strategy, LedgerStrategy) else strategy
+    """Flower's strategy inside fedtune's wrappers (the ledger, SCAFFOLD)."""
+    inner = strategy.inner if isinstance(strategy, LedgerStrategy) else strategy
+    return inner.inner if isinstance(inner, Scaffold) else inner
 
 
 def strategy_state(strategy: Strategy) -> StrategyState:
@@ -97,8 +105,9 @@ def strategy_state(strategy: Strategy) -> StrategyState:
 
     ``strategy`` is Flower's strategy or the :class:`~fedtune.server.strategy.LedgerStrategy`
     around it. FedAvgM: ``current_arrays`` and ``momentum_vector``; FedAdam/FedYogi:
-    ``current_arrays``, ``m_t`` and ``v_t``; a slot still unset (None) is left out. Every slot maps
-    array names to numpy arrays (copies, dtypes kept).
+    ``current_arrays``, ``m_t`` and ``v_t``; a slot still unset (None) is left out. Under SCAFFOLD
+    also each client's control variate and example count (:meth:`~fedtune.server.scaffold.Scaffold.state`).
+    Every slot maps array names to numpy arrays (copies, dtypes kept).
     """
     inner = _unwrap(strategy)
     state: StrategyState = {}
@@ -116,6 +125,9 @@ def strategy_state(strategy: Strategy) -> StrategyState:
         else:
             arrays = dict(value)
         state[slot] = {key: np.array(array, copy=True) for key, array in arrays.items()}
+    scaffold = _scaffold(strategy)
+    if scaffold is not None:
+        state.update(scaffold.state())
     return state
 
 
@@ -123,7 +135,8 @@ def load_strategy_state(strategy: Strategy, state: StrategyState) -> None:
     """Put :func:`strategy_state` back into a strategy of the same kind (resume, or undo a round).
 
     Every slot of the strategy is set: from ``state``, or to None (Flower's "not started") when
-    ``state`` lacks it, so loading ``{}`` resets the server optimizer.
+    ``state`` lacks it, so loading ``{}`` resets the server optimizer. Under SCAFFOLD the
+    ``scaffold:`` slots restore the clients' control variates (:class:`~fedtune.server.scaffold.Scaffold`).
 
     Raises
     ------
@@ -133,6 +146,10 @@ def load_strategy_state(strategy: Strategy, state: StrategyState) -> None:
     """
     inner = _unwrap(strategy)
     slots = _slots(inner)
+    scaffold = _scaffold(strategy)
+    if scaffold is not None:
+        scaffold.load_state({k: v for k, v in state.items() if Scaffold.owns(k)})
+        state = {k: v for k, v in state.items() if not Scaffold.owns(k)}
     foreign = sorted(set(state) - set(slots))
     if foreign:
         raise ValueError(

@@ -100,21 +100,31 @@ class LedgerStrategy(Strategy):
             self.rejected.append({"round": server_round, "node": node, "reason": message.error.reason})
             return False
         content = message.content
+        extra_keys = set(getattr(self.inner, "reply_array_keys", ()))  # e.g. SCAFFOLD's control variate
         return self.accept_reply(
             server_round,
             node,
             content.config_records.get(PRIVACY_KEY),
             content.metric_records.get(METRICS_KEY),
-            list(content.array_records.values()),
+            [record for key, record in content.array_records.items() if key not in extra_keys],
+            extra=[record for key, record in content.array_records.items() if key in extra_keys],
         )
 
     def accept_reply(
-        self, server_round: int, node: int, record: Any, metrics: Any, arrays: list[ArrayRecord] | None
+        self,
+        server_round: int,
+        node: int,
+        record: Any,
+        metrics: Any,
+        arrays: list[ArrayRecord] | None,
+        extra: list[ArrayRecord] | None = None,
     ) -> bool:
         """Check one reply, record its privacy event in the ledger, and say whether it may be aggregated.
 
         ``arrays`` None: the update is masked (secure aggregation, :mod:`fedtune.server.secure`), so
-        its keys, shapes and values cannot be checked here; everything else is.
+        its keys, shapes and values cannot be checked here; everything else is. ``extra``: arrays
+        the wrapped strategy consumes besides the update (SCAFFOLD's control variate), checked
+        against the global model's names and shapes like the update.
         """
         if record is None:
             self.reject(server_round, node, "reply carries no privacy record")
@@ -140,6 +150,8 @@ class LedgerStrategy(Strategy):
         try:
             if self._reference is not None and arrays is not None:
                 validate_update(arrays[0], self._reference)
+                for other in extra or []:
+                    validate_update(other, self._reference)
             if reply.dp:
                 event = SubsampledGaussianEvent(reply.sampling_rate, reply.noise_multiplier, reply.steps)
                 # a conflicting event for a recorded (client, round), e.g. two nodes claiming one id, is refused here
@@ -176,10 +188,10 @@ class LedgerStrategy(Strategy):
         """Put a reply's arrays in the global model's key order (FedAvgM pairs arrays by position)."""
         if self._reference is None:
             return message
-        name, record = next(iter(message.content.array_records.items()))
         order = list(self._reference.keys())
-        if list(record.keys()) != order:
-            message.content[name] = ArrayRecord({k: record[k] for k in order})
+        for name, record in list(message.content.array_records.items()):
+            if list(record.keys()) != order:
+                message.content[name] = ArrayRecord({k: record[k] for k in order})
         return message
 
     def _as_reference(self, arrays: ArrayRecord | None) -> ArrayRecord | None:

@@ -8,7 +8,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.protocol import ClientReply, reply_message
+from fedtune.protocol import CONTROL_KEY, ClientReply, reply_message
 
 #: ``(round, node) -> the arrays the node sends back``
 Answer = Callable[[int, int], dict[str, np.ndarray]]
@@ -18,7 +18,9 @@ class FakeGrid:
     """A Grid of ``nodes``: each answers a train message with ``answer(round, node)`` and ``examples[node]``.
 
     Replies come back in node order, so float sums are the same in every run. ``reply(node)``
-    may replace the :class:`~fedtune.protocol.ClientReply` a node sends (default: no DP, one step).
+    may replace the :class:`~fedtune.protocol.ClientReply` a node sends (default: no DP, one step);
+    ``control(round, node)`` adds a SCAFFOLD control variate to the reply, and each message's
+    incoming variate is kept in ``received_controls[(round, node)]``.
     """
 
     def __init__(
@@ -27,11 +29,14 @@ class FakeGrid:
         answer: Answer,
         examples: dict[int, int] | None = None,
         reply: Callable[[int], ClientReply] | None = None,
+        control: Answer | None = None,
     ) -> None:
         self.nodes = list(nodes)
         self.answer_fn = answer
         self.examples = examples or {n: 10 for n in self.nodes}
         self.reply_fn = reply or (lambda node: ClientReply(f"c{node}", self.examples[node], dp=False, steps=1))
+        self.control_fn = control
+        self.received_controls: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._sent = 0
         self._outbox: list[Message] = []
 
@@ -46,8 +51,12 @@ class FakeGrid:
             message.metadata.__dict__["_message_id"] = f"m{self._sent}"
             node = message.metadata.dst_node_id
             rnd = int(message.content["config"]["server-round"])  # type: ignore[arg-type]
+            incoming = message.content.array_records.get(CONTROL_KEY)
+            if incoming is not None:
+                self.received_controls[(rnd, node)] = {k: incoming[k].numpy() for k in incoming.keys()}
             TaskIdentity.node_id = node
-            replies.append(reply_message(message, self.reply_fn(node), {}, self.answer_fn(rnd, node)))
+            control = self.control_fn(rnd, node) if self.control_fn is not None else None
+            replies.append(reply_message(message, self.reply_fn(node), {}, self.answer_fn(rnd, node), control))
         TaskIdentity.node_id = 0
         return replies
 
