@@ -311,6 +311,14 @@ def add_run_options(
         help="FFA-LoRA: freeze LoRA A at its shared random init, train only B and the head "
         f"(default {'on' if d.ffa_lora else 'off'})",
     )
+    parser.add_argument(
+        "--pooling",
+        choices=("auto", "model", "mean"),
+        default=d.pooling,
+        help="what the classification head sees: the model's own pooler, the masked mean of the last hidden "
+        "states (sentence-transformers' pooling), or auto = what a sentence-transformers model declares "
+        f"(default {d.pooling})",
+    )
     if not deployed:
         parser.add_argument(
             "--max-train-examples", type=_optional_int, default=None, help="seeded subset of the training set"

@@ -210,6 +210,11 @@ class RunConfig:
     ffa_lora : bool
         FFA-LoRA: LoRA ``A`` frozen at its shared seeded init, only ``B`` and the head train
         (arXiv 2403.12313).
+    pooling : str
+        What the classification head sees (:func:`fedtune.model.apply_pooling`): ``model`` the
+        architecture's own head input (BERT: ``tanh(pooler(h_CLS))``), ``mean`` the masked mean of
+        the last hidden states (sentence-transformers' pooling), ``auto`` the pooling a
+        sentence-transformers model folder declares (mean for all-MiniLM-L6-v2), else ``model``.
     max_train_examples, max_eval_examples : int or None
         Seeded subsets (for quick runs and tests).
     max_length : int
@@ -274,6 +279,7 @@ class RunConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""
     ffa_lora: bool = False
+    pooling: str = "model"
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     max_length: int = 128
@@ -347,6 +353,8 @@ class RunConfig:
                 )
         self._check_secure_aggregation()
         _boolean("ffa_lora", self.ffa_lora)
+        if self.pooling not in ("auto", "model", "mean"):
+            raise ValueError(f"pooling must be one of auto, model, mean, got {self.pooling!r}")
         _positive_int("lora_rank", self.lora_rank)
         _positive_float("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:

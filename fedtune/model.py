@@ -51,6 +51,10 @@ __all__ = [
     "pick_device",
     "resolve_model_name",
     "save_adapter",
+    "POOLINGS",
+    "MeanPooler",
+    "apply_pooling",
+    "sentence_transformers_pooling",
     "set_trainable_state",
     "state_num_bytes",
 ]
@@ -198,6 +202,7 @@ def load_model_and_tokenizer(
     num_labels: int = 2,
     *,
     seed: int = 0,
+    pooling: str = "model",
 ) -> tuple[nn.Module, Any]:
     """Load a pretrained encoder with a sequence-classification head, and its tokenizer.
 
@@ -210,6 +215,11 @@ def load_model_and_tokenizer(
     seed : int
         Seeds the initialization of the new classification head (the global torch RNG is
         forked, so the caller's random state is left untouched).
+    pooling : {"model", "mean", "auto"}
+        What the classification head sees (:func:`apply_pooling`): ``"model"`` the
+        architecture's own (BERT: ``tanh(pooler(h_CLS))``), ``"mean"`` the attention-masked
+        mean of the last hidden states, ``"auto"`` the pooling a sentence-transformers model
+        says it was trained with (its ``1_Pooling/config.json``), else ``"model"``.
 
     Returns
     -------
@@ -229,6 +239,8 @@ def load_model_and_tokenizer(
         raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -283,15 +295,119 @@ def load_model_and_tokenizer(
     config: Any = model.config  # transformers' PretrainedConfig (nn.Module attributes are typed Tensor | Module)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
+    used = apply_pooling(model, pooling, name)
     model.train()
     logger.info(
-        "loaded %s (%s, %.1fM parameters, %d labels)",
+        "loaded %s (%s, %.1fM parameters, %d labels, %s pooling)",
         name,
         config.model_type,
         sum(p.numel() for p in model.parameters()) / 1e6,
         num_labels,
+        used,
     )
     return model, tokenizer
+
+
+#: Values of ``pooling`` (:func:`apply_pooling`).
+POOLINGS = ("auto", "model", "mean")
+
+
+class MeanPooler(nn.Module):
+    r"""Sentence-transformers' mean pooling in place of a BERT pooler: the attention-masked mean
+    :math:`\frac{\sum_t m_t h_t}{\sum_t m_t}` of the last hidden states :math:`h_t` (Reimers and
+    Gurevych, "Sentence-BERT", EMNLP 2019).
+
+    The mask comes from the encoder's ``attention_mask`` argument, captured just before each
+    forward pass by :meth:`capture_mask` (a forward pre-hook on the encoder; a bound method, so a
+    deep copy of the model captures into its own pooler). No parameters: nothing new to train, and
+    Opacus' per-sample gradients are unaffected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def capture_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook on the encoder: keep this call's attention mask (None: every token counts)."""
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        self.mask = mask
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        weights = mask.unsqueeze(-1).to(hidden_states.dtype)
+        self.mask = None  # one mask per forward pass: never reused for another batch
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def sentence_transformers_pooling(name: str) -> str | None:
+    """``"mean"``, ``"cls"``, ... as a sentence-transformers model folder declares it (None if it does not).
+
+    Reads ``1_Pooling/config.json`` from a local folder, or from the Hugging Face cache for a hub
+    id (never from the network).
+    """
+    import json
+
+    local = Path(name) / "1_Pooling" / "config.json"
+    path: Path | None = local if local.is_file() else None
+    if path is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "1_Pooling/config.json")
+            path = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001 - not a hub id, no cache: no declaration
+            path = None
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for mode in ("mean", "cls", "max"):
+        if config.get(f"pooling_mode_{mode}_tokens"):
+            return mode
+    return None
+
+
+def apply_pooling(model: nn.Module, pooling: str, name: str = "") -> str:
+    """Set what ``model``'s classification head sees; return the pooling used (``"model"`` or ``"mean"``).
+
+    ``"mean"`` replaces the encoder's ``pooler`` (BERT family: ``BertForSequenceClassification``
+    feeds ``tanh(W h_CLS + b)`` to its classifier) by :class:`MeanPooler`, the pooling a
+    sentence-transformers encoder was trained with. For all-MiniLM-L6-v2 that matters: its pooler
+    weights were never trained (see the module notes), and a logistic regression on 4,000 SST-2
+    sentences reaches 0.81 dev accuracy on its mean-pooled states against 0.73 on its pooler
+    output (docs/benchmarks.md). ``"auto"`` is ``"mean"`` when the model folder declares mean
+    pooling and has a pooler to replace, else ``"model"``.
+
+    Raises
+    ------
+    ValueError
+        ``pooling`` unknown, or ``"mean"`` for a model without a BERT-style pooler (name the model
+        type; use ``"model"``).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    encoder = getattr(model, "base_model", None)
+    has_pooler = isinstance(getattr(encoder, "pooler", None), nn.Module)
+    if pooling == "auto":
+        pooling = "mean" if has_pooler and sentence_transformers_pooling(name) == "mean" else "model"
+    if pooling == "model":
+        return "model"
+    if not has_pooler or encoder is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"pooling 'mean' replaces a BERT-style pooler, which this model ({model_type}) does not have; "
+            "use pooling 'model'"
+        )
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+    encoder.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
+    return "mean"
 
 
 def _first_line(exc: BaseException) -> str:

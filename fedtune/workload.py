@@ -34,7 +34,7 @@ def build_template(config: RunConfig, num_labels: int) -> tuple[Any, Any]:
     """The peft model (adapter and head at their seeded initial values) and its tokenizer."""
     from fedtune.model import LoraSettings, build_peft_model, load_model_and_tokenizer
 
-    base, tokenizer = load_model_and_tokenizer(config.model, num_labels, seed=config.seed)
+    base, tokenizer = load_model_and_tokenizer(config.model, num_labels, seed=config.seed, pooling=config.pooling)
     targets = tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()) or None
     lora = LoraSettings(
         rank=config.lora_rank,
@@ -180,6 +180,7 @@ MODEL_FIELDS: tuple[str, ...] = (
     "lora_dropout",
     "lora_targets",
     "ffa_lora",
+    "pooling",
     "max_length",
 )
 #: RunConfig fields that decide, with :data:`MODEL_FIELDS`, the data a simulation loads and splits.

@@ -260,7 +260,7 @@ def _final_model(config: RunConfig, num_labels: int) -> tuple[Any, Any]:
     adapter = config.out_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ValueError(f"{adapter} holds no adapter: the run did not finish")
-    base, tokenizer = load_model_and_tokenizer(config.model, num_labels, seed=config.seed)
+    base, tokenizer = load_model_and_tokenizer(config.model, num_labels, seed=config.seed, pooling=config.pooling)
     return PeftModel.from_pretrained(base, str(adapter)), tokenizer
 
 
