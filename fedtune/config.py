@@ -279,7 +279,7 @@ class RunConfig:
     lora_dropout: float = 0.0
     lora_targets: str = ""
     ffa_lora: bool = False
-    pooling: str = "model"
+    pooling: str = "auto"
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     max_length: int = 128
