@@ -31,7 +31,9 @@ def embed(model, tokenizer, sentences: list[str], batch: int = 64) -> dict[str, 
 
     out: dict[str, list] = {"cls": [], "pooler": [], "mean": []}
     for start in range(0, len(sentences), batch):
-        enc = tokenizer(sentences[start : start + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = tokenizer(
+            sentences[start : start + batch], padding=True, truncation=True, max_length=128, return_tensors="pt"
+        )
         with torch.no_grad():
             result = model.bert(**enc)
         hidden, mask = result.last_hidden_state, enc["attention_mask"].unsqueeze(-1).float()
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     data = load_glue("sst2", args.data_dir, seed=args.seed, max_train_examples=args.train)
     start = time.perf_counter()
-    train, dev = embed(model, tokenizer, list(data.train["sentence"])), embed(model, tokenizer, list(data.eval["sentence"]))
+    train, dev = (
+        embed(model, tokenizer, list(data.train["sentence"])),
+        embed(model, tokenizer, list(data.eval["sentence"])),
+    )
     seconds = time.perf_counter() - start
     y_train, y_dev = np.asarray(data.train["label"]), np.asarray(data.eval["label"])
     rows = []
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     best = {f: max(r["dev_accuracy"] for r in rows if r["feature"] == f) for f in ("cls", "pooler", "mean")}
     report = {
         "command": "python benchmarks/pooling_probe.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "train_sentences": len(y_train),
         "dev_sentences": len(y_dev),
         "dev_majority": float(max(np.mean(y_dev), 1 - np.mean(y_dev))),

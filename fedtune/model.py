@@ -388,8 +388,9 @@ def apply_pooling(model: nn.Module, pooling: str, name: str = "") -> str:
     sentence-transformers encoder was trained with. For all-MiniLM-L6-v2 that matters: its pooler
     weights were never trained (see the module notes), and a logistic regression on 4,000 SST-2
     sentences reaches 0.819 dev accuracy on its mean-pooled states against 0.740 on its pooler
-    output and 0.760 on the CLS state (``benchmarks/pooling_probe.py``, docs/benchmarks.md). ``"auto"`` is ``"mean"`` when the model folder declares mean
-    pooling and has a pooler to replace, else ``"model"``.
+    output and 0.760 on the CLS state (``benchmarks/pooling_probe.py``, docs/benchmarks.md).
+    ``"auto"`` is ``"mean"`` when the model folder declares mean pooling and has a pooler to
+    replace, else ``"model"``.
 
     Raises
     ------
