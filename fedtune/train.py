@@ -782,12 +782,6 @@ def plain_logical_step(
     return loss_sum, total
 
 
-def get_trainable_state_names(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of an unwrapped model's trainable parameters, named as
-    :func:`fedtune.model.get_trainable_state` names them."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
 class GradientHook:
     """A step pre-hook on an optimizer that records the mean gradient and adds a fixed correction.
 
@@ -849,16 +843,6 @@ class GradientHook:
     def remove(self) -> None:
         """Unregister the hook."""
         self._handle.remove()
-
-
-def corrected_steps(
-    optimizer: torch.optim.Optimizer,
-    named: Mapping[str, nn.Parameter],
-    correction: Mapping[str, torch.Tensor] | None,
-    device: torch.device,
-) -> GradientHook:
-    """Register a :class:`GradientHook` on ``optimizer`` (call ``.remove()`` when done)."""
-    return GradientHook(optimizer, named, correction, device)
 
 
 def _seeds(seed: int | None, count: int) -> list[int]:
@@ -1024,7 +1008,7 @@ def train_local(
         momentum or Adam moments across rounds; :func:`load_optimizer_state`).
     gradient_correction : mapping of str to torch.Tensor, optional
         Added to each named trainable parameter's gradient before every optimizer step (after
-        DP-SGD's clipping and noise): SCAFFOLD's ``c - c_k`` (:func:`corrected_steps`). Keys
+        DP-SGD's clipping and noise): SCAFFOLD's ``c - c_k`` (:class:`GradientHook`). Keys
         must be exactly the trainable parameters' names, shapes must match.
     track_mean_gradient : bool
         Also return :attr:`TrainResult.mean_gradient`.
@@ -1067,10 +1051,10 @@ def train_local(
     optimizer = make_optimizer(params, config)
     if optimizer_state is not None:
         load_optimizer_state(optimizer, optimizer_state, config)
-    named = dict(get_trainable_state_names(work))
     gradient_hook = None
     if gradient_correction is not None or track_mean_gradient:
-        gradient_hook = corrected_steps(optimizer, named, gradient_correction, device)
+        named = {name: p for name, p in work.named_parameters() if p.requires_grad}  # get_trainable_state's names
+        gradient_hook = GradientHook(optimizer, named, gradient_correction, device)
     scheduled = config.lr_schedule != "constant" or config.warmup_steps > 0
     sample_gen = torch.Generator().manual_seed(sample_seed)
 

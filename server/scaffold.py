@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.protocol import CONTROL_KEY, METRICS_KEY, PRIVACY_KEY, ClientReply
+from fedtune.server.strategy import WrappingStrategy
 
 __all__ = ["Scaffold", "SCAFFOLD_SLOT"]
 
@@ -53,7 +54,7 @@ SCAFFOLD_SLOT = "scaffold:"
 _EXAMPLES_SLOT = "scaffold-examples"
 
 
-class Scaffold(Strategy):
+class Scaffold(WrappingStrategy):
     """Wrap ``inner`` (any Flower strategy) with SCAFFOLD's global control variate.
 
     Parameters
@@ -67,7 +68,7 @@ class Scaffold(Strategy):
     reply_array_keys = (CONTROL_KEY,)
 
     def __init__(self, inner: Strategy) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.controls: dict[str, dict[str, np.ndarray]] = {}
         self.examples: dict[str, int] = {}
 
@@ -114,16 +115,6 @@ class Scaffold(Strategy):
             self.controls[reply.client_id] = {k: np.asarray(record[k].numpy(), dtype=np.float32) for k in record.keys()}
             self.examples[reply.client_id] = max(1, examples)
         return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     # -- checkpoint ----------------------------------------------------------------------------
     def state(self) -> dict[str, dict[str, np.ndarray]]:

@@ -26,12 +26,50 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.protocol import METRICS_KEY, PRIVACY_KEY, ClientReply
 from fedtune.server.validation import InvalidUpdate, validate_update
 
-__all__ = ["LedgerStrategy"]
+__all__ = ["WrappingStrategy", "LedgerStrategy"]
 
 log = logging.getLogger(__name__)
 
 
-class LedgerStrategy(Strategy):
+class WrappingStrategy(Strategy):
+    """A strategy around another (``inner``) that delegates the hooks it does not change.
+
+    fedtune adds behaviour to Flower's strategies by wrapping them: :class:`LedgerStrategy` and
+    :class:`fedtune.server.scaffold.Scaffold` override ``configure_train``/``aggregate_train``
+    and leave evaluation and the summary to the wrapped strategy.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def summary(self) -> None:
+        """Delegate."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate."""
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate (fedtune evaluates centrally; pass ``fraction_evaluate=0`` to FedAvg to skip this)."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class LedgerStrategy(WrappingStrategy):
     """Wrap ``inner`` (e.g. ``FedAvg``) with privacy-ledger bookkeeping and update validation.
 
     Parameters
@@ -43,7 +81,7 @@ class LedgerStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, ledger: PrivacyLedger) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ledger = ledger
         self.node_to_client: dict[int, str] = {}
         self.last_event: dict[str, SubsampledGaussianEvent] = {}
@@ -202,16 +240,6 @@ class LedgerStrategy(Strategy):
         if list(arrays.keys()) == list(ref.keys()) and all(arrays[k].dtype == ref[k].dtype for k in ref.keys()):
             return arrays
         return ArrayRecord({k: Array(np.asarray(arrays[k].numpy(), dtype=ref[k].numpy().dtype)) for k in ref.keys()})
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate (fedtune evaluates centrally; pass ``fraction_evaluate=0`` to FedAvg to skip this)."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def _log_client_round(server_round: int, reply: ClientReply, metrics: Any) -> None:
