@@ -42,7 +42,7 @@ from fedtune.protocol import (
 )
 from fedtune.workload import get_workload
 
-__all__ = ["ClientJob", "run_job", "train_round", "client_state_dir", "optimizer_settings"]
+__all__ = ["ClientJob", "client_state_dir", "label_offset", "optimizer_settings", "run_job", "train_round"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,9 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     examples = len(job.shard)
     q, steps = job.sampling_rate, job.steps
     base = ClientReply(client_id=client_id, examples=examples, dp=guard.private, sampling_rate=q, steps=steps)
+    released = guard.released_event() if guard.private else None
+    if released is not None:  # every reply carries the one-off release, so the server's ledger has it too
+        base = replace(base, release_noise_multiplier=released.noise_multiplier)
     counted = {"num-examples": examples}
 
     def refuse(reason: str, sigma: float | None) -> Message:
@@ -154,6 +157,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         )
 
     sigma: float | None = None
+    offset: Any = None
     epsilon_before: float | None = None
     epsilon_after: float | None = None
     if guard.private:
@@ -185,7 +189,13 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
                 resent=True,
             )
             return reply_message(message, resent, counted, update, control)
-        plan = Plan(q, steps, config.rounds)
+        adjusted = label_offset(config, job, server_round)
+        if isinstance(adjusted, str):
+            return refuse(adjusted, None)
+        offset, release = adjusted
+        if release is not None:
+            base = replace(base, release_noise_multiplier=release.noise_multiplier)
+        plan = Plan(q, steps, config.rounds, (release,) if release is not None else ())
         if job.noise_multiplier is None:
             sigma = guard.calibrate(plan).sigma
         else:
@@ -197,6 +207,11 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         if not verdict.allowed:
             return refuse(verdict.reason, sigma)
         epsilon_before, epsilon_after = guard.ledger.certified_epsilon(client_id), verdict.epsilon_after
+    else:
+        adjusted = label_offset(config, job, server_round)
+        if isinstance(adjusted, str):  # pragma: no cover - only a private release can be refused
+            return refuse(adjusted, None)
+        offset = adjusted[0]
     store = OptimizerStateStore(guard.state_dir) if config.stateful_clients else None
     try:
         previous = store.load(before_round=server_round) if store is not None else None
@@ -244,6 +259,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
                 optimizer_state=previous[1] if previous is not None else None,
                 gradient_correction=correction,
                 track_mean_gradient=controls is not None,
+                logit_offset=offset,
             )
     except OptimizerStateError as err:  # raised before the first step: nothing trained, nothing spent
         path = guard.state_dir / "optimizer.pt"
@@ -280,6 +296,34 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
         if not math.isfinite(value):
             metrics[key] = -1.0  # every batch was empty: nothing to measure
     return reply_message(message, reply, metrics, update, result.mean_gradient if controls is not None else None)
+
+
+def label_offset(config: RunConfig, job: ClientJob, server_round: int) -> tuple[Any, Any] | str:
+    """The client's logit-adjustment offset (:func:`fedtune.train.logit_adjustment`) and its release event.
+
+    Returns ``(None, None)`` when ``config.logit_adjustment`` is 0. Without DP the offset comes from
+    the shard's exact label counts and there is no event; under DP from the counts the client
+    released once (:meth:`~fedtune.client.privacy.ClientPrivacy.release_label_counts`), whose event
+    joins its plan. A string is the reason to refuse.
+    """
+    if config.logit_adjustment <= 0:
+        return None, None
+    import numpy as np
+
+    from fedtune.data.glue import get_task_spec
+    from fedtune.train import label_counts, logit_adjustment
+
+    counts = label_counts(job.shard.columns["labels"], get_task_spec(config.task).num_labels).numpy()
+    if not job.guard.private:
+        return logit_adjustment(counts, config.logit_adjustment), None
+    seed = None if config.dp_randomness == "secret" else [config.seed, job.seed_index, 0x1ABE1]
+    released = job.guard.release_label_counts(
+        counts, config.label_count_noise, len(job.shard), np.random.default_rng(seed)
+    )
+    if isinstance(released, str):
+        return released
+    noisy, event = released
+    return logit_adjustment(noisy, config.logit_adjustment), event
 
 
 def scaffold_correction(

@@ -202,6 +202,22 @@ def add_run_options(
         f"(default {'on' if d.scaffold else 'off'})",
     )
     parser.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=d.logit_adjustment,
+        metavar="TAU",
+        help="train each client on the logit-adjusted loss, logits + TAU * log(its own label distribution), "
+        "against label skew (Menon et al. 2021); under DP each client first releases its label counts once "
+        f"with Gaussian noise, accounted in its budget (default {d.logit_adjustment:g} = off)",
+    )
+    parser.add_argument(
+        "--label-count-noise",
+        type=float,
+        default=d.label_count_noise,
+        metavar="SIGMA",
+        help=f"noise multiplier of that release: N(0, SIGMA^2) on each label count (default {d.label_count_noise:g})",
+    )
+    parser.add_argument(
         "--lr-schedule",
         choices=SCHEDULES,
         default=d.lr_schedule,

@@ -44,6 +44,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.config import RunConfig
+from fedtune.privacy.events import SubsampledGaussianEvent
 
 __all__ = [
     "ARRAYS_KEY",
@@ -127,6 +128,11 @@ class ClientReply:
         The round was already paid for and the stored update is sent again (no new spend).
     epsilon, epsilon_certified : float
         The client's own estimate and certified bound after the round (``inf`` without DP).
+    release_noise_multiplier : float
+        Noise multiplier of the client's one-off Gaussian release before its first round (its
+        label counts, for logit adjustment; sensitivity 1), recorded in both ledgers as round 0,
+        the event ``SubsampledGaussianEvent(1, sigma_h, 1)``. 0 = no release. Sent with every
+        reply, so a server that missed the first one still records it.
     """
 
     client_id: str
@@ -140,12 +146,20 @@ class ClientReply:
     resent: bool = False
     epsilon: float = math.inf
     epsilon_certified: float = math.inf
+    release_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         if self.status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {self.status!r}")
         if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 0:
             raise ValueError(f"examples must be an integer >= 0, got {self.examples!r}")
+
+    @property
+    def release_event(self) -> SubsampledGaussianEvent | None:
+        """The one-off release before the first round, as a privacy event (None without one)."""
+        if not self.release_noise_multiplier:
+            return None
+        return SubsampledGaussianEvent(1.0, self.release_noise_multiplier, 1)
 
     @property
     def ok(self) -> bool:
@@ -167,6 +181,8 @@ class ClientReply:
             data["reason"] = self.reason
         if self.resent:
             data["resent"] = True
+        if self.release_noise_multiplier:
+            data["release-noise-multiplier"] = float(self.release_noise_multiplier)
         for key, value in (("epsilon", self.epsilon), ("epsilon-certified", self.epsilon_certified)):
             if math.isfinite(value):
                 data[key] = float(value)
@@ -196,6 +212,7 @@ class ClientReply:
                 resent=bool(record.get("resent", False)),
                 epsilon=float(record.get("epsilon", math.inf)),
                 epsilon_certified=float(record.get("epsilon-certified", math.inf)),
+                release_noise_multiplier=float(record.get("release-noise-multiplier", 0.0)),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"malformed privacy record: {err}") from None

@@ -85,6 +85,8 @@ __all__ = [
     "bf16_supported",
     "detach_dp",
     "dp_logical_step",
+    "label_counts",
+    "logit_adjustment",
     "dp_step",
     "make_optimizer",
     "OptimizerStateError",
@@ -614,11 +616,68 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    loss = model(**batch).loss
-    if loss is None:
-        raise ValueError(f"the model returned no loss: batches need a 'labels' column (got {list(batch)})")
-    return loss
+def _loss(model: nn.Module, batch: Mapping[str, Any], logit_offset: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The batch's mean loss: the model's own, or with ``logit_offset`` the logit-adjusted cross-entropy
+    :math:`\frac1n \sum_i -\log \mathrm{softmax}(f(x_i) + \delta)_{y_i}` (Menon et al. 2021)."""
+    if logit_offset is None:
+        loss = model(**batch).loss
+        if loss is None:
+            raise ValueError(f"the model returned no loss: batches need a 'labels' column (got {list(batch)})")
+        return loss
+    if "labels" not in batch:
+        raise ValueError(f"logit adjustment needs a 'labels' column (got {list(batch)})")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return nn.functional.cross_entropy(logits.float() + logit_offset, batch["labels"])
+
+
+def label_counts(labels: torch.Tensor | Sequence[int], num_labels: int) -> torch.Tensor:
+    """How many of ``labels`` carry each label ``0 .. num_labels - 1`` (float64).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 labels, or a label out of range.
+    """
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+    values = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_labels):
+        raise ValueError(
+            f"labels must be in [0, {num_labels}), got values from {int(values.min())} to {int(values.max())}"
+        )
+    return torch.bincount(values, minlength=num_labels).to(torch.float64)
+
+
+def logit_adjustment(counts: torch.Tensor | np.ndarray | Sequence[float], tau: float) -> torch.Tensor:
+    r"""The logit offset :math:`\tau \log \hat\pi` of a client's label counts (Menon et al., ICLR 2021).
+
+    :math:`\hat\pi_c = (n_c^+ + 1) / \sum_{c'} (n_{c'}^+ + 1)`, with :math:`n_c^+ = \max(n_c, 0)`, is
+    the add-one smoothed share of label :math:`c`, so a label the client never saw gets a large
+    negative, finite offset. The counts may be noisy (a private release, where they can come out
+    negative). Training on ``logits + offset`` (:func:`train_local`'s ``logit_offset``) makes the
+    model's plain logits estimate the label-balanced posterior: a client whose data all carry one
+    label no longer pushes the shared head toward that label.
+
+    Parameters
+    ----------
+    counts : tensor, array or sequence of float
+        One count per label (:func:`label_counts`, or a noisy release of it), at least 2, finite.
+    tau : float
+        Finite, ``>= 0``; 0 gives zeros (plain cross-entropy).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 counts, a count not finite, or ``tau`` negative or not finite.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau < math.inf:
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    values = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+    if values.numel() < 2 or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"counts must be at least 2 finite numbers (one per label), got {values.tolist()!r}")
+    smoothed = values.clamp(min=0.0) + 1.0
+    return (float(tau) * (smoothed / smoothed.sum()).log()).to(torch.float32)
 
 
 def autocast_context(device: torch.device, precision: str) -> Any:
@@ -702,6 +761,7 @@ def dp_logical_step(
     micro_batches: Sequence[MicroBatch],
     device: torch.device,
     precision: str = "fp32",
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """One DP-SGD logical step over the micro-batches of one Poisson batch.
 
@@ -732,7 +792,7 @@ def dp_logical_step(
     last = len(micro_batches) - 1
     for index, micro in enumerate(micro_batches):
         with autocast_context(device, precision):
-            loss = _loss(grad_sample_module, _to_device(micro.batch, device))
+            loss = _loss(grad_sample_module, _to_device(micro.batch, device), logit_offset)
         with warnings.catch_warnings():
             # Opacus' full backward hooks on layers whose inputs need no grad (frozen embeddings
             # below the first adapter): expected and harmless.
@@ -755,6 +815,7 @@ def plain_logical_step(
     micro_batches: Sequence[MicroBatch],
     device: torch.device,
     precision: str = "fp32",
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """One non-private step over the micro-batches of one logical batch.
 
@@ -775,7 +836,7 @@ def plain_logical_step(
     loss_sum = 0.0
     for micro in micro_batches:
         with autocast_context(device, precision):
-            loss = _loss(model, _to_device(micro.batch, device))
+            loss = _loss(model, _to_device(micro.batch, device), logit_offset)
         (loss * (micro.size / total)).backward()
         loss_sum += float(loss.detach()) * micro.size
     optimizer.step()
@@ -977,6 +1038,7 @@ def train_local(
     optimizer_state: Mapping[str, Any] | None = None,
     gradient_correction: Mapping[str, torch.Tensor] | None = None,
     track_mean_gradient: bool = False,
+    logit_offset: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` logical steps; return its trainable state.
 
@@ -1012,6 +1074,11 @@ def train_local(
         must be exactly the trainable parameters' names, shapes must match.
     track_mean_gradient : bool
         Also return :attr:`TrainResult.mean_gradient`.
+    logit_offset : torch.Tensor, optional
+        Shape ``(num_labels,)``, added to the logits in the training loss only: the logit-adjusted
+        loss with ``tau * log(prior)`` (:func:`logit_adjustment`). The returned model predicts with
+        its plain logits. Under DP the offset must not depend on the private data (or be
+        released privately first): it changes every example's gradient.
 
     Returns
     -------
@@ -1028,6 +1095,10 @@ def train_local(
     num_examples = len(cast(Sized, train_dataset))
     if num_examples == 0:
         raise ValueError("the training dataset is empty")
+    if logit_offset is not None and (
+        not isinstance(logit_offset, torch.Tensor) or logit_offset.dim() != 1 or not torch.isfinite(logit_offset).all()
+    ):
+        raise ValueError(f"logit_offset must be a finite 1-d tensor (one value per label), got {logit_offset!r}")
     if config.private and config.batch_size > num_examples:
         raise ValueError(
             f"batch_size {config.batch_size} exceeds the {num_examples} training examples: "
@@ -1056,6 +1127,7 @@ def train_local(
         named = {name: p for name, p in work.named_parameters() if p.requires_grad}  # get_trainable_state's names
         gradient_hook = GradientHook(optimizer, named, gradient_correction, device)
     scheduled = config.lr_schedule != "constant" or config.warmup_steps > 0
+    offset = None if logit_offset is None else logit_offset.detach().to(device=device, dtype=torch.float32)
     sample_gen = torch.Generator().manual_seed(sample_seed)
 
     grad_sample_module: nn.Module | None = None
@@ -1104,9 +1176,11 @@ def train_local(
                     set_lr(optimizer, config.lr_at(step))
                 micro = data.micro_batches(next(batches), physical)
                 if grad_sample_module is not None:
-                    step_loss, size = dp_logical_step(grad_sample_module, dp_optimizer, micro, device, config.precision)
+                    step_loss, size = dp_logical_step(
+                        grad_sample_module, dp_optimizer, micro, device, config.precision, offset
+                    )
                 else:
-                    step_loss, size = plain_logical_step(work, optimizer, micro, device, config.precision)
+                    step_loss, size = plain_logical_step(work, optimizer, micro, device, config.precision, offset)
                 if size == 0:
                     empty_batches += 1
                 loss_sum += step_loss

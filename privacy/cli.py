@@ -227,6 +227,12 @@ def _ledger(args: argparse.Namespace) -> int:
             [[r["id"], r["rounds"], r["steps"], r["examples"], r["epsilon"], r["epsilon_certified"]] for r in rows],
         )
     )
+    released = sum(1 for r in rows if r.get("releases"))
+    if released:
+        print(
+            f"\n{released} client(s) also released their label counts once (round 0, logit adjustment); "
+            "the epsilons compose it with their rounds"
+        )
     print(
         f"\ncomposed record-level epsilon (max over clients, certified): {composed:.4f}"
         "  -- protects one training example"

@@ -13,6 +13,11 @@ et al. 2023, "How to DP-fy ML", Sec. 4.)
 Client-level (user-level) DP is a different guarantee: it protects a client's whole contribution and
 needs noise added by the server (DP-FedAvg). Server events are kept separately
 (:meth:`PrivacyLedger.record_server_event`) and :meth:`PrivacyLedger.client_level_epsilon` composes them.
+
+An entry of kind ``"release"`` is a one-off release besides training: a federated client's Gaussian
+release of its label counts for logit adjustment, the event ``(q = 1, sigma_h, 1 step)``, recorded
+at round :data:`RELEASE_ROUND` (0) before its first round. It composes with the client's rounds like
+any other entry; reports count it apart from the rounds trained.
 """
 
 from __future__ import annotations
@@ -30,9 +35,15 @@ from fedtune.privacy.accountants import Accountant, get_accountant
 from fedtune.privacy.calibration import DEFAULT_ACCOUNTANT, certifier
 from fedtune.privacy.events import Composition, SubsampledGaussianEvent, check_delta, check_epsilon
 
-__all__ = ["LedgerEntry", "BudgetCheck", "PrivacyLedger", "LEDGER_SCHEMA"]
+__all__ = ["ENTRY_KINDS", "LedgerEntry", "BudgetCheck", "PrivacyLedger", "LEDGER_SCHEMA", "RELEASE_ROUND"]
 
 LEDGER_SCHEMA = "fedtune.privacy-ledger/1"
+
+#: The ledger round of a client's one-off release before its first federated round (label counts).
+RELEASE_ROUND = 0
+
+#: What an entry records: DP-SGD training (the default), or a one-off release (label counts).
+ENTRY_KINDS = ("train", "release")
 
 
 @dataclass(frozen=True)
@@ -49,12 +60,16 @@ class LedgerEntry:
         What was spent.
     examples : int
         Size of the client's shard (the ``N`` in ``q = B / N``).
+    kind : str
+        ``"train"`` (default) or ``"release"`` (:data:`ENTRY_KINDS`). Stored only when not
+        ``"train"``, so ledgers without releases read and write exactly as before.
     """
 
     client_id: str
     round: int
     event: SubsampledGaussianEvent
     examples: int
+    kind: str = "train"
 
     def __post_init__(self) -> None:
         if not isinstance(self.client_id, str) or not self.client_id:
@@ -63,6 +78,8 @@ class LedgerEntry:
             raise ValueError(f"round must be an integer >= 0, got {self.round!r}")
         if isinstance(self.examples, bool) or not isinstance(self.examples, int) or self.examples < 1:
             raise ValueError(f"examples must be an integer >= 1, got {self.examples!r}")
+        if self.kind not in ENTRY_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(ENTRY_KINDS)}, got {self.kind!r}")
 
     @property
     def key(self) -> tuple[str, int]:
@@ -70,7 +87,10 @@ class LedgerEntry:
         return (self.client_id, self.round)
 
     def to_dict(self) -> dict[str, object]:
-        return {"client_id": self.client_id, "round": self.round, "examples": self.examples, **self.event.to_dict()}
+        data: dict[str, object] = {"client_id": self.client_id, "round": self.round, "examples": self.examples}
+        if self.kind != "train":
+            data["kind"] = self.kind
+        return {**data, **self.event.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LedgerEntry:
@@ -80,6 +100,7 @@ class LedgerEntry:
                 int(data["round"]),
                 SubsampledGaussianEvent.from_dict(data),
                 int(data["examples"]),
+                str(data.get("kind", "train")),
             )
         except KeyError as err:
             raise ValueError(f"ledger entry is missing the field {err.args[0]!r}: {data!r}") from None
@@ -191,8 +212,11 @@ class PrivacyLedger:
             atomic_write_json(self.path, self.to_dict())
 
     # -- recording ---------------------------------------------------------------------------
-    def record(self, client_id: str, round: int, event: SubsampledGaussianEvent, examples: int) -> bool:
-        """Record a client's spend for a round and persist it before returning.
+    def record(
+        self, client_id: str, round: int, event: SubsampledGaussianEvent, examples: int, kind: str = "train"
+    ) -> bool:
+        """Record a client's spend for a round (``kind`` ``"train"``) or its one-off release
+        (``"release"``, at :data:`RELEASE_ROUND`) and persist it before returning.
 
         Returns
         -------
@@ -205,15 +229,15 @@ class PrivacyLedger:
         ValueError
             If ``(client_id, round)`` is already recorded with a *different* event.
         """
-        entry = LedgerEntry(client_id, round, event, examples)
+        entry = LedgerEntry(client_id, round, event, examples, kind)
         with self._lock:
             existing = self._entries.get(entry.key)
             if existing is not None:
                 if existing == entry:
                     return False
                 raise ValueError(
-                    f"client {client_id!r} round {round} is already recorded as {existing.event} "
-                    f"({existing.examples} examples); refusing a different event {event} ({examples} examples)"
+                    f"client {client_id!r} round {round} is already recorded as {existing.kind} {existing.event} "
+                    f"({existing.examples} examples); refusing a different {kind} {event} ({examples} examples)"
                 )
             self._entries[entry.key] = entry
             try:
@@ -322,17 +346,18 @@ class PrivacyLedger:
         return BudgetCheck(True, after, budget)
 
     def report(self, accountant: str | None = None) -> list[dict[str, object]]:
-        """One row per client: rounds, steps, examples, epsilon (estimate) and certified epsilon."""
+        """One row per client: rounds and steps trained, one-off releases (entries of kind ``"release"``),
+        examples, epsilon (estimate) and certified epsilon (both composing everything)."""
         rows = []
         for client in self.clients:
-            comp = self.composition(client)
-            assert comp is not None  # clients only lists clients with entries
             entries = [e for e in self if e.client_id == client]
+            trained = [e for e in entries if e.kind == "train"]
             rows.append(
                 {
                     "id": client,
-                    "rounds": len(entries),
-                    "steps": comp.steps,
+                    "rounds": len(trained),
+                    "steps": sum(e.event.steps for e in trained),
+                    "releases": len(entries) - len(trained),
                     "examples": entries[-1].examples,
                     "epsilon": self.epsilon(client, accountant),
                     "epsilon_certified": self.certified_epsilon(client),

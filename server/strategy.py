@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.privacy.events import SubsampledGaussianEvent
-from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.ledger import RELEASE_ROUND, PrivacyLedger
 from fedtune.protocol import METRICS_KEY, PRIVACY_KEY, ClientReply
 from fedtune.server.validation import InvalidUpdate, validate_update
 
@@ -191,6 +191,9 @@ class LedgerStrategy(WrappingStrategy):
                 for other in extra or []:
                     validate_update(other, self._reference)
             if reply.dp:
+                release = reply.release_event  # the label counts it released once (logit adjustment)
+                if release is not None:
+                    self.ledger.record(client, RELEASE_ROUND, release, reply.examples, kind="release")
                 event = SubsampledGaussianEvent(reply.sampling_rate, reply.noise_multiplier, reply.steps)
                 # a conflicting event for a recorded (client, round), e.g. two nodes claiming one id, is refused here
                 self.ledger.record(client, server_round, event, reply.examples)

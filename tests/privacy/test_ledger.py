@@ -19,7 +19,7 @@ from fedtune.privacy.accountants import get_accountant
 from fedtune.privacy.calibration import certifier
 from fedtune.privacy.events import Composition
 from fedtune.privacy.events import SubsampledGaussianEvent as Event
-from fedtune.privacy.ledger import LEDGER_SCHEMA, BudgetCheck, LedgerEntry, PrivacyLedger
+from fedtune.privacy.ledger import LEDGER_SCHEMA, RELEASE_ROUND, BudgetCheck, LedgerEntry, PrivacyLedger
 
 DELTA = 1e-5
 # sigma >= 1.5 keeps every pld query ~0.1 s
@@ -56,6 +56,36 @@ def test_stored_form_holds_events_not_epsilons(ledger):
     assert data["entries"][0] == {"client_id": "alice", "round": 0, "examples": 4000, **A.to_dict()}
     assert len(data["entries"]) == 5 and data["server_events"] == []
     assert "epsilon" not in json.dumps(data)
+
+
+def test_a_release_is_stored_with_its_kind_and_reported_apart_from_the_rounds(tmp_path):
+    """A one-off release (a client's label counts) composes like any entry; only its kind tells it apart,
+    and a ledger without releases is stored exactly as before (no ``kind`` key)."""
+    ledger = PrivacyLedger(tmp_path / "ledger.json", DELTA)
+    release = Event(1.0, 20.0, 1)
+    ledger.record("carol", RELEASE_ROUND, release, 500, kind="release")
+    ledger.record("carol", 1, A, 500)
+    data = json.loads(ledger.path.read_text())
+    stored = {"client_id": "carol", "round": 0, "examples": 500, "kind": "release", **release.to_dict()}
+    assert data["entries"][0] == stored
+    assert "kind" not in data["entries"][1]
+    again = PrivacyLedger.load(ledger.path)
+    assert [e.kind for e in again] == ["release", "train"] and list(again) == list(ledger)
+    assert again.composition("carol") == Composition((release, A))
+    assert again.report()[0] | {"epsilon": 0, "epsilon_certified": 0} == {
+        "id": "carol",
+        "rounds": 1,
+        "steps": A.steps,
+        "releases": 1,
+        "examples": 500,
+        "epsilon": 0,
+        "epsilon_certified": 0,
+    }
+    # the same key as training instead of a release is a different entry: refused
+    with pytest.raises(ValueError, match="already recorded as release"):
+        ledger.record("carol", RELEASE_ROUND, release, 500)
+    with pytest.raises(ValueError, match="kind must be one of train, release, got 'publish'"):
+        ledger.record("dave", 0, release, 500, kind="publish")
 
 
 def test_no_temporary_files_are_left_behind(ledger):

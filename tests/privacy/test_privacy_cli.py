@@ -261,3 +261,15 @@ def test_console_script_runs():
     rows = json.loads(proc.stdout)["accountants"]
     assert [r["name"] for r in rows] == ["saddlepoint"]
     assert rows[0]["epsilon"] == get_accountant("saddlepoint").get_epsilon(Event(0.02, 1.5, 300), 1e-5)
+
+
+def test_ledger_table_counts_a_label_count_release_apart(capsys, tmp_path):
+    led = PrivacyLedger(tmp_path / "ledger.json", 1e-5)
+    led.record("carol", 0, Event(1.0, 20.0, 1), 500, kind="release")
+    led.record("carol", 1, Event(0.05, 1.5, 30), 500)
+    code, out, _ = run(capsys, "privacy", "ledger", str(led.path))
+    assert code == 0
+    row = next(line.split() for line in out.splitlines() if line.startswith("carol"))
+    assert row[:4] == ["carol", "1", "30", "500"]  # rounds and steps trained; the epsilons compose the release too
+    assert float(row[5]) == pytest.approx(led.certified_epsilon("carol"), abs=1e-4)
+    assert "1 client(s) also released their label counts once (round 0, logit adjustment)" in out

@@ -35,6 +35,7 @@ def reply(
     client: str | None = None,
     status: str = "ok",
     event: SubsampledGaussianEvent = SubsampledGaussianEvent(0.1, 1.0, 10),
+    release: float = 0.0,
 ) -> Message:
     """A train reply from ``node`` as a ClientApp would send it."""
     TaskIdentity.node_id = 0
@@ -48,6 +49,7 @@ def reply(
             "noise-multiplier": event.noise_multiplier,
             "steps": event.steps,
             "examples": examples,
+            **({"release-noise-multiplier": release} if release else {}),
         }
     )
     content = RecordDict(
@@ -159,3 +161,28 @@ def test_a_non_private_update_is_rejected_in_a_private_run() -> None:
     np.testing.assert_allclose(agg["head"].numpy(), 2.0)
     assert "non-private update in a private run" in str(strategy.rejected[0]["reason"])
     assert strategy.ledger.clients == ["2"]
+
+
+def test_a_label_count_release_is_recorded_once_as_round_0_and_composed() -> None:
+    """Logit adjustment under DP: every reply names the client's one-off release; the server records it as
+    round 0 once, and the client's certified epsilon composes it with its rounds."""
+    from fedtune.privacy.calibration import certifier
+    from fedtune.privacy.events import Composition
+    from fedtune.privacy.ledger import RELEASE_ROUND
+
+    strategy = make_strategy(budget=8.0)
+    for server_round in (1, 2):
+        strategy.aggregate_train(server_round, [reply(1, arrays(1.0), 100, release=20.0), reply(2, arrays(2.0), 100)])
+    assert strategy.ledger.rounds("1") == [RELEASE_ROUND, 1, 2] and strategy.ledger.rounds("2") == [1, 2]
+    assert [e.kind for e in strategy.ledger if e.client_id == "1"] == ["release", "train", "train"]
+    assert [(r["rounds"], r["steps"], r["releases"]) for r in strategy.ledger.report()] == [(2, 20, 1), (2, 20, 0)]
+    release, event = SubsampledGaussianEvent(1.0, 20.0, 1), SubsampledGaussianEvent(0.1, 1.0, 10)
+    expected = certifier().get_epsilon(Composition((release, event, event)), 1e-5)
+    assert strategy.ledger.certified_epsilon("1") == pytest.approx(expected, rel=1e-9)
+    assert strategy.ledger.certified_epsilon("1") > strategy.ledger.certified_epsilon("2")
+    # a reply claiming another release for the same client is rejected, not recorded
+    agg, _ = strategy.aggregate_train(3, [reply(1, arrays(1.0), 100, release=5.0)])
+    assert agg is None and "already recorded" in str(strategy.rejected[-1]["reason"])
+    # a malformed release is rejected with the value named
+    agg, _ = strategy.aggregate_train(3, [reply(2, arrays(1.0), 100, release=-1.0)])
+    assert agg is None and "-1" in str(strategy.rejected[-1]["reason"])

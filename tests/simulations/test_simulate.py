@@ -1,7 +1,8 @@
 """End to end: the real ``fedtune simulate`` command on Flower's Ray simulation engine.
 
 Two clients, two rounds, the real all-MiniLM-L6-v2 on a real SST-2 slice, with record-level DP on
-the clients and client-level DP on the server (both pillars in one run). One uninterrupted run
+the clients and client-level DP on the server (both pillars in one run), and logit adjustment (each
+client's label counts released once, privately, as ledger round 0). One uninterrupted run
 checks every output; a second run is SIGKILLed after its first checkpoint and resumed, and its
 privacy ledgers must equal the uninterrupted run's (nothing counted twice, nothing lost).
 """
@@ -48,6 +49,8 @@ ARGS = [
     "10",
     "--update-clipping-norm",
     "0.01",
+    "--logit-adjustment",
+    "1",
 ]
 
 
@@ -90,7 +93,8 @@ def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.Com
     assert summary["finished"] is True and summary["rounds_done"] == 2 and summary["stop_reason"] is None
     assert 0.4 < summary["majority_class_rate"] < 0.7  # the SST-2 dev slice is near balanced
     for client in summary["clients"]:
-        assert client["steps"] == 6 and client["examples"] == 80
+        assert client["steps"] == 6 and client["examples"] == 80 and client["rounds"] == 2
+        assert client["releases"] == 1  # its label counts, released once before round 1
         # what the run was: q = B / N, the calibrated sigma and the steps of each round
         assert client["sampling_rate"] == pytest.approx(16 / 80) and client["steps_per_round"] == 3
         assert 0.3 < client["noise_multiplier"] < 5.0
@@ -119,6 +123,8 @@ def test_simulation_writes_every_output(finished_run: tuple[Path, subprocess.Com
     for cid in ("0", "1"):
         client = PrivacyLedger.load(out / "clients" / f"client-{cid}" / "ledger.json")
         assert client.composition(cid) == server.composition(cid)
+        assert server.rounds(cid) == [0, 1, 2]  # round 0: the release, reported with every reply
+        assert (out / "clients" / f"client-{cid}" / "label_counts.json").exists()
         assert math.isclose(client.certified_epsilon(cid), server.certified_epsilon(cid), rel_tol=1e-12)
 
 
