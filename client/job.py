@@ -189,7 +189,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
                 resent=True,
             )
             return reply_message(message, resent, counted, update, control)
-        adjusted = label_offset(config, job, server_round)
+        adjusted = label_offset(config, job)
         if isinstance(adjusted, str):
             return refuse(adjusted, None)
         offset, release = adjusted
@@ -208,7 +208,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
             return refuse(verdict.reason, sigma)
         epsilon_before, epsilon_after = guard.ledger.certified_epsilon(client_id), verdict.epsilon_after
     else:
-        adjusted = label_offset(config, job, server_round)
+        adjusted = label_offset(config, job)
         if isinstance(adjusted, str):  # pragma: no cover - only a private release can be refused
             return refuse(adjusted, None)
         offset = adjusted[0]
@@ -298,7 +298,7 @@ def run_job(message: Message, config: RunConfig, job: ClientJob) -> Message:
     return reply_message(message, reply, metrics, update, result.mean_gradient if controls is not None else None)
 
 
-def label_offset(config: RunConfig, job: ClientJob, server_round: int) -> tuple[Any, Any] | str:
+def label_offset(config: RunConfig, job: ClientJob) -> tuple[Any, Any] | str:
     """The client's logit-adjustment offset (:func:`fedtune.train.logit_adjustment`) and its release event.
 
     Returns ``(None, None)`` when ``config.logit_adjustment`` is 0. Without DP the offset comes from
