@@ -10,6 +10,27 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n 2` (scripts/test.sh) two workers share the machine's cores: each worker, and every
+    # process it starts (CLI runs, Ray workers, deployed clients), computes with one thread, so that
+    # OpenMP threads do not oversubscribe the cores and spin against each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with end-to-end (``slow``) tests first, so that ``--dist loadfile`` starts the long files early
+    and the short ones fill the gaps (longest-first scheduling); order within a file is kept."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in heavy)
+
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
