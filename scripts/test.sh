@@ -7,4 +7,4 @@ python -m pip install --quiet -e ".[dev]"
 export FEDTUNE_DATA_DIR="${FEDTUNE_DATA_DIR:-$(cd .. && pwd)/shared/data/glue}"
 # Two workers, whole files each (module fixtures such as a federation run once), one torch thread per
 # worker (tests/conftest.py): the suite keeps both cores busy. `-n 0` runs it in one process.
-python -m pytest -q -n 2 --dist loadfile --durations=25 "$@"
+python -m pytest -q -n 2 --dist loadfile -p no:benchmark --durations=25 "$@"
